@@ -1,0 +1,53 @@
+"""Choosing an implementation of a fused op: ``impl`` in ``auto | eager | cpp | cuda | triton``.
+
+``eager`` is the reference in :mod:`skelemix.reference`; ``cpp`` is the C++ CPU kernel and ``cuda`` the
+C++ CUDA kernel of the same ``torch.ops.skelemix`` op; ``triton`` is the ``triton_op``. Only ``auto``
+falls back: an explicitly requested implementation that is missing raises, naming what is missing and
+how to get it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+
+from .. import _extension
+
+IMPLS = ("auto", "eager", "cpp", "cuda", "triton")
+# What impl="auto" tries, best first, by the device of the inputs.
+_AUTO_ORDER = {"cuda": ("triton", "cuda", "eager"), "cpu": ("cpp", "eager")}
+_DEVICE_OF_IMPL = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
+
+
+def check_impl(impl: str) -> str:
+    """Validate the name of an implementation (for configs and command lines)."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+    return impl
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    wanted = _DEVICE_OF_IMPL.get(name)
+    if wanted is not None and not (device.type == wanted or (name == "triton" and _extension.triton_interpret())):
+        return False
+    return _extension.available(name)[0]
+
+
+def select(op: str, impl: str, device: torch.device, implementations: Mapping[str, Callable]) -> Callable:
+    """Return the function that runs ``op`` with ``impl`` for inputs on ``device``."""
+    check_impl(impl)
+    if impl == "auto":
+        for name in _AUTO_ORDER.get(device.type, ("eager",)):
+            if name in implementations and _usable(name, device):
+                return implementations[name]
+        return implementations["eager"]
+    if impl not in implementations:
+        have = ", ".join(sorted(implementations))
+        raise NotImplementedError(f"skelemix.ops.{op} has no impl={impl!r} yet; available: {have}")
+    ok, why = _extension.available(impl)
+    if not ok:
+        raise RuntimeError(f"skelemix.ops.{op}: impl={impl!r} is not available on this install: {why}")
+    wanted = _DEVICE_OF_IMPL.get(impl)
+    if wanted is not None and device.type != wanted and not (impl == "triton" and _extension.triton_interpret()):
+        raise ValueError(f"skelemix.ops.{op}: impl={impl!r} runs on {wanted} tensors; got inputs on {device}")
+    return implementations[impl]

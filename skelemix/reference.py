@@ -1,0 +1,70 @@
+"""Eager PyTorch references of the fused ops: the oracle every kernel is tested against.
+
+Each function here is plain, differentiable PyTorch with the exact semantics of REFERENCE.md. The C++,
+CUDA and Triton implementations in :mod:`skelemix.ops` must match them; tests and benchmarks import them
+from here and nowhere else.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def mask_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Spatio-temporal mask pooling (REFERENCE.md 2.2 item 5).
+
+    Args:
+        x: ``(B, C, T, V)`` floating feature map (``B`` = samples x bodies).
+        mask: ``(G, T, V)`` bool with ``B % G == 0``. Row ``b`` of ``x`` uses ``mask[b // (B // G)]``, so
+            ``G == 1`` shares one mask across the batch and ``G == N`` gives each sample (both of its
+            bodies) its own mask.
+
+    Returns:
+        ``(B, 2, C)`` in the dtype of ``x``: ``[:, 0]`` is the mean of ``x`` over the True cells ("p", the
+        trimmed view), ``[:, 1]`` the mean over the False cells ("c", the truncated view). The divisor is
+        the number of cells of that region in ``(T, V)``; an empty region pools to 0 (the official code
+        divides by zero there). Global average pooling is ``[:, 0]`` with an all-True mask.
+    """
+    B, C, T, V = x.shape
+    G = mask.shape[0]
+    m = mask.to(x.dtype).repeat_interleave(B // G, dim=0).reshape(B, 1, T * V)
+    flat = x.reshape(B, C, T * V)
+    inside = m.sum(-1).clamp_min(1)
+    outside = (1 - m).sum(-1).clamp_min(1)
+    p = (flat * m).sum(-1) / inside
+    c = (flat * (1 - m)).sum(-1) / outside
+    return torch.stack((p, c), dim=1)
+
+
+def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+    """The ST-GCN spatial graph convolution (REFERENCE.md 2.2, "gcn").
+
+    Args:
+        x: ``(N, C_in, T, V)``.
+        weight: ``(K * C_out, C_in)``, the 1x1 convolution; ``bias``: ``(K * C_out,)`` or None.
+        A: ``(K, V, V)`` effective adjacency (graph times edge importance).
+
+    Returns:
+        ``(N, C_out, T, V)`` with ``out[n, c, t, w] = sum_k sum_v h[n, k, c, t, v] * A[k, v, w]`` where
+        ``h = conv1x1(x)`` viewed as ``(N, K, C_out, T, V)``. The bias is propagated through ``A``.
+    """
+    K = A.shape[0]
+    h = torch.einsum("oi,nitv->notv", weight, x)
+    if bias is not None:
+        h = h + bias.view(1, -1, 1, 1)
+    N, KC, T, V = h.shape
+    return torch.einsum("nkctv,kvw->nctw", h.view(N, K, KC // K, T, V), A)
+
+
+def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """SkeleMix 'swap' mixing (REFERENCE.md 3 item 5).
+
+    Args:
+        x: ``(N, C, T, V, M)`` batch of sequences.
+        partner: ``(N,)`` int64, the sample whose fragment is pasted into each sample.
+        region: ``(G, T, V)`` bool at frame resolution, ``G`` in ``{1, N}``; True cells are taken from the
+            partner (all channels, both bodies).
+
+    Returns:
+        ``(N, C, T, V, M)``: ``x[partner]`` inside the region, ``x`` elsewhere.
+    """
+    return torch.where(region[:, None, :, :, None], x[partner], x)

@@ -1,0 +1,73 @@
+"""Sample inputs, tolerances and a verbose allclose, shared by tests/ and bench/ (so the two never drift)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Sample(NamedTuple):
+    """One call of an op: ``fn(*args)``; ``name`` identifies the case in failure messages."""
+
+    name: str
+    args: tuple
+
+
+# (rtol, atol) for comparing an implementation with the eager reference run in the same dtype. fp64 and fp32
+# leave room only for a different summation order. fp16/bf16 allow about two roundings of the result (the
+# reference rounds the sum and the mean separately; the kernels accumulate in fp32 and round once).
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (5e-3, 1e-3),
+    torch.bfloat16: (2e-2, 1e-2),
+}
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """``(rtol, atol)`` for ``dtype``; see :data:`TOLERANCES`."""
+    return TOLERANCES[dtype]
+
+
+def sample_inputs_mask_pool(device="cpu", dtype=torch.float32, requires_grad=False) -> list[Sample]:
+    """Varied ``(x, mask)`` cases for :func:`skelemix.ops.mask_pool`, freshly drawn from the global RNG."""
+    device = torch.device(device)
+
+    def x_of(B, C, T, V):
+        return torch.randn(B, C, T, V, device=device, dtype=dtype).requires_grad_(requires_grad)
+
+    def mask_of(G, T, V, p=0.5):
+        return torch.rand(G, T, V, device=device) < p
+
+    # Non-contiguous: x from a (B, T, V, C) buffer, mask from a (G, V, T) one.
+    x_perm = torch.randn(4, 6, 5, 3, device=device, dtype=dtype).permute(0, 3, 1, 2).requires_grad_(requires_grad)
+    mask_t = mask_of(2, 5, 6).transpose(1, 2)
+    return [
+        Sample("shared_mask", (x_of(4, 3, 6, 5), mask_of(1, 6, 5))),
+        Sample("per_sample_two_bodies", (x_of(6, 4, 8, 5), mask_of(3, 8, 5))),  # B = 2N, G = N
+        Sample("odd_sizes", (x_of(3, 5, 7, 3), mask_of(3, 7, 3))),
+        Sample("sparse_mask", (x_of(2, 3, 9, 11), mask_of(2, 9, 11, p=0.1))),
+        Sample("one_cell", (x_of(2, 3, 1, 1), mask_of(1, 1, 1))),
+        Sample("all_true", (x_of(2, 3, 4, 5), torch.ones(1, 4, 5, dtype=torch.bool, device=device))),
+        Sample("all_false", (x_of(4, 2, 4, 5), torch.zeros(2, 4, 5, dtype=torch.bool, device=device))),
+        Sample("non_contiguous", (x_perm, mask_t)),
+        Sample("empty_batch", (x_of(0, 3, 4, 5), mask_of(1, 4, 5))),
+    ]
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "",
+                         max_report: int = 5) -> None:
+    """Like ``torch.testing.assert_close`` (NaNs never match) but lists the first mismatching indices."""
+    where = f"{name}: " if name else ""
+    assert actual.shape == expected.shape, f"{where}shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{where}dtype {actual.dtype} != expected {expected.dtype}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())  # NaN compares False, so it is reported
+    if not bool(bad.any()):
+        return
+    idx = bad.nonzero()[:max_report]
+    rows = [f"  {tuple(i.tolist())}: actual {a[tuple(i)].item():.8g}, expected {e[tuple(i)].item():.8g}" for i in idx]
+    nan = int(a.isnan().sum())
+    raise AssertionError(
+        f"{where}{int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol}, atol={atol}, NaNs in actual: "
+        f"{nan}, max abs diff {(a - e).abs().nan_to_num(float('inf')).max().item():.3g}); first:\n" + "\n".join(rows))

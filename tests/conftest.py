@@ -1,0 +1,67 @@
+"""Markers turned into skips, a fixed seed and RNG isolation for every test."""
+import os
+
+# Before anything imports triton: run Triton kernels in the CPU interpreter unless told otherwise.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Prepared datasets shared between checkouts: <checkouts>/shared/data next to this repository.
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEED = 0
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is as good as none
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items):
+    skips = {
+        "needs_cuda": (lambda: not torch.cuda.is_available(), "needs a CUDA device (torch.cuda.is_available() is False)"),
+        "needs_triton": (lambda: importlib.util.find_spec("triton") is None or not _triton_importable(),
+                         "needs triton (pip install triton)"),
+        "needs_data": (lambda: not SHARED_DATA.is_dir(), f"needs the prepared datasets in {SHARED_DATA}"),
+    }
+    decided = {}
+    for item in items:
+        for marker, (missing, reason) in skips.items():
+            if marker in item.keywords:
+                if marker not in decided:
+                    decided[marker] = missing()
+                if decided[marker]:
+                    item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The prepared datasets folder (tests using it should also carry the needs_data marker)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the prepared datasets in {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_rng():
+    """Seed every test the same way and give the RNG states back afterwards, so tests cannot leak into
+    each other's random draws."""
+    torch_state, np_state, py_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(SEED)  # seeds CUDA too
+    np.random.seed(SEED)
+    random.seed(SEED)
+    yield
+    torch.set_rng_state(torch_state)
+    np.random.set_state(np_state)
+    random.setstate(py_state)
+    if cuda_states is not None:
+        torch.cuda.set_rng_state_all(cuda_states)

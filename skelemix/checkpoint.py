@@ -1,0 +1,112 @@
+"""Checkpoints: atomic writes, safe loading, and interop with the official SkeleMixCLR state dicts.
+
+Files from users are untrusted: everything is loaded with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+# (official key pattern, ours); applied after an optional encoder prefix. Everything else keeps its name.
+_OFFICIAL_TO_OURS = [
+    (re.compile(r"^st_gcn_networks\.(\d+)\."), r"blocks.\1."),
+    (re.compile(r"^edge_importance\.(\d+)$"), r"blocks.\1.edge_importance"),
+]
+_OURS_TO_OFFICIAL = [
+    (re.compile(r"^blocks\.(\d+)\.edge_importance$"), r"edge_importance.\1"),
+    (re.compile(r"^blocks\.(\d+)\."), r"st_gcn_networks.\1."),
+]
+_ENCODERS = ("encoder_q.", "encoder_k.")
+# Official buffers with no counterpart here (label monitoring of the v1/swap models: quirk 13).
+_DROPPED = ("queue_label",)
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> Path:
+    """Write ``torch.save(obj)`` to ``path`` atomically: a temporary file in the same folder, fsync, rename.
+
+    A crash at any point leaves either the previous file or the new one, never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
+    """Load a checkpoint without executing anything it contains (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # unpickling errors name the forbidden global; say which file
+        raise RuntimeError(f"cannot load checkpoint {path} safely (weights_only=True): {err}") from err
+
+
+def _rename(key: str, rules) -> str:
+    prefix = next((p for p in _ENCODERS if key.startswith(p)), "")
+    rest = key[len(prefix):]
+    for pattern, repl in rules:
+        rest, n = pattern.subn(repl, rest)
+        if n:
+            break
+    return prefix + rest
+
+
+def _as_state_dict(src) -> Mapping[str, torch.Tensor]:
+    if isinstance(src, (str, os.PathLike)):
+        src = load_checkpoint(src)
+    if isinstance(src, Mapping) and "state_dict" in src and isinstance(src["state_dict"], Mapping):
+        src = src["state_dict"]
+    if not isinstance(src, Mapping) or not all(isinstance(v, torch.Tensor) for v in src.values()):
+        raise ValueError("expected a state dict (a mapping of names to tensors) or a path to one")
+    return src
+
+
+def load_official(src) -> dict[str, torch.Tensor]:
+    """Convert an official SkeleMixCLR state dict (path or mapping) to this package's names.
+
+    * Pretraining checkpoints (``encoder_q.*``, ``encoder_k.*``, ``queue``, ``queue_ptr``) load into
+      :class:`skelemix.models.SkeleMixCLR` (``load_state_dict(load_official(path))``).
+    * Linear-eval / fine-tune checkpoints (``encoder_q.*`` only, ``fc`` a Linear) load into an
+      :class:`skelemix.models.STGCN` classifier: the ``encoder_q.`` prefix is removed.
+
+    A ``module.`` prefix (DataParallel) is stripped; ``queue_label`` is dropped.
+    """
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in _as_state_dict(src).items()}
+    sd = {k: v for k, v in sd.items() if k not in _DROPPED}
+    classifier = not any(k.startswith("encoder_k.") or k == "queue" for k in sd)
+    out = {}
+    for key, value in sd.items():
+        new = _rename(key, _OFFICIAL_TO_OURS)
+        if classifier:
+            if not new.startswith("encoder_q."):
+                raise ValueError(f"unexpected key {key!r} in an official classifier checkpoint")
+            new = new[len("encoder_q."):]
+        out[new] = value
+    return out
+
+
+def export_official(src) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`load_official`: a SkeleMixCLR or STGCN (module or state dict) -> official names.
+
+    A SkeleMixCLR gives a pretraining checkpoint; an STGCN gives the ``encoder_q.``-prefixed state dict of
+    the official evaluation wrapper.
+    """
+    sd = src.state_dict() if isinstance(src, torch.nn.Module) else _as_state_dict(src)
+    pretrain = any(k.startswith("encoder_q.") for k in sd)
+    return {("" if pretrain else "encoder_q.") + _rename(k, _OURS_TO_OFFICIAL): v for k, v in sd.items()}

@@ -1,0 +1,130 @@
+"""SkeleMix: cut body-part x time-block fragments from a partner sequence and paste them (REFERENCE.md 3).
+
+The defaults are the official ones: one region and one cyclic partner shift shared by the whole batch.
+``per_sample=True`` draws a region per sample and ``partner="derangement"`` a random fixed-point-free
+permutation. All randomness comes from one torch generator (the global one unless given), drawn on the
+CPU, so a seed reproduces the same regions on every device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from . import ops
+
+MODES = ("swap", "zeros", "gaussian")
+SPATIAL_MODES = ("semantic", "random")
+PARTNERS = ("shift", "derangement")
+
+
+@dataclass
+class MixedBatch:
+    x: torch.Tensor  # (N, C, T, V, M) mixed sequences
+    mask: torch.Tensor  # (G, T // block, V) bool at feature resolution; True = pasted ("trimmed" view)
+    partner: torch.Tensor | None  # (N,) int64 source of the pasted fragment; None for zeros/gaussian
+
+
+def _randint(low: int, high: int, size: int, generator) -> torch.Tensor:
+    """Uniform integers in [low, high] inclusive."""
+    return torch.randint(low, high + 1, (size,), generator=generator)
+
+
+class SkeleMix:
+    """Sample SkeleMix regions and partners and build mixed batches.
+
+    Args:
+        body_parts: joint index groups the spatial region is made of (``Layout.body_parts``).
+        num_joints: V.
+        spa_range: inclusive range of the number of body parts (``spatial_mode="semantic"``).
+        tem_range: inclusive range of the region's length in blocks of ``block`` frames.
+        block: frames per temporal block; must equal the encoder's total temporal stride so the region
+            maps exactly onto feature-map cells.
+        mode: ``"swap"`` pastes the partner's fragment; ``"zeros"``/``"gaussian"`` fill the region instead.
+        spatial_mode: ``"semantic"`` (union of body parts) or ``"random"`` (``random_joints`` joints).
+        per_sample: one region per sample instead of one for the batch.
+        partner: ``"shift"`` (one cyclic shift by 1..N-1 for the batch) or ``"derangement"``.
+        impl: implementation of the gather op.
+    """
+
+    def __init__(self, body_parts: Sequence[Sequence[int]], num_joints: int, spa_range=(2, 3), tem_range=(7, 11),
+                 block: int = 4, mode: str = "swap", spatial_mode: str = "semantic", random_joints=(10, 15),
+                 per_sample: bool = False, partner: str = "shift", impl: str = "auto"):
+        for name, value, allowed in (("mode", mode, MODES), ("spatial_mode", spatial_mode, SPATIAL_MODES),
+                                     ("partner", partner, PARTNERS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        spa_lo, spa_hi = spa_range
+        if not 1 <= spa_lo <= spa_hi <= len(body_parts):
+            raise ValueError(f"spa_range must satisfy 1 <= low <= high <= {len(body_parts)} (body parts); "
+                             f"got {tuple(spa_range)}")
+        if not 1 <= tem_range[0] <= tem_range[1]:
+            raise ValueError(f"tem_range must satisfy 1 <= low <= high; got {tuple(tem_range)}")
+        if not 1 <= random_joints[0] <= random_joints[1] <= num_joints:
+            raise ValueError(f"random_joints must lie in [1, {num_joints}]; got {tuple(random_joints)}")
+        if block < 1:
+            raise ValueError(f"block must be >= 1; got {block}")
+        membership = torch.zeros(len(body_parts), num_joints, dtype=torch.bool)
+        for i, part in enumerate(body_parts):
+            membership[i, list(part)] = True
+        self.parts = membership  # (P, V)
+        self.num_joints = num_joints
+        self.spa_range, self.tem_range, self.random_joints = tuple(spa_range), tuple(tem_range), tuple(random_joints)
+        self.block, self.mode, self.spatial_mode = block, mode, spatial_mode
+        self.per_sample, self.partner, self.impl = per_sample, partner, ops.check_impl(impl)
+
+    def sample_partner(self, n: int, generator=None) -> torch.Tensor:
+        """Partner of every sample; never the sample itself."""
+        if n < 2:
+            raise ValueError(f"SkeleMix needs a batch of at least 2 samples to pick partners; got {n}")
+        idx = torch.arange(n)
+        if self.partner == "shift":
+            return (idx + _randint(1, n - 1, 1, generator)) % n
+        while True:  # a uniform derangement by rejection: about e tries on average
+            perm = torch.randperm(n, generator=generator)
+            if not (perm == idx).any():
+                return perm
+
+    def sample_mask(self, groups: int, blocks: int, generator=None) -> torch.Tensor:
+        """``(groups, blocks, V)`` bool region at block (= feature) resolution."""
+        lo, hi = self.tem_range
+        if hi > blocks:
+            raise ValueError(f"tem_range {self.tem_range} asks for up to {hi} blocks but the sequence has only "
+                             f"{blocks} blocks of {self.block} frames")
+        V = self.num_joints
+        if self.spatial_mode == "semantic":
+            count = _randint(*self.spa_range, groups, generator)
+            order = torch.rand(groups, self.parts.shape[0], generator=generator).argsort(1)
+            chosen = torch.arange(self.parts.shape[0])[None] < count[:, None]  # first `count` of a random order
+            picked = torch.zeros(groups, self.parts.shape[0], dtype=torch.bool).scatter(1, order, chosen)
+            joints = (picked[:, :, None] & self.parts[None]).any(1)
+        else:
+            count = _randint(*self.random_joints, groups, generator)
+            order = torch.rand(groups, V, generator=generator).argsort(1)
+            joints = torch.zeros(groups, V, dtype=torch.bool).scatter(1, order, torch.arange(V)[None] < count[:, None])
+        length = _randint(lo, hi, groups, generator)
+        start = (torch.rand(groups, generator=generator) * (blocks - length + 1)).floor().long()
+        t = torch.arange(blocks)[None]
+        frames = (t >= start[:, None]) & (t < (start + length)[:, None])
+        return frames[:, :, None] & joints[:, None, :]
+
+    def __call__(self, x: torch.Tensor, generator=None) -> MixedBatch:
+        """Mix a batch ``(N, C, T, V, M)``; ``T`` must be a multiple of ``block``."""
+        if x.dim() != 5 or x.shape[3] != self.num_joints:
+            raise ValueError(f"x must have shape (N, C, T, {self.num_joints}, M); got {tuple(x.shape)}")
+        N, _, T, _, _ = x.shape
+        if T % self.block:
+            raise ValueError(f"the sequence length T={T} must be a multiple of the encoder's temporal stride "
+                             f"{self.block}, so the mixed region maps onto whole feature cells")
+        partner = self.sample_partner(N, generator) if self.mode == "swap" else None
+        mask = self.sample_mask(N if self.per_sample else 1, T // self.block, generator)
+        region = mask.repeat_interleave(self.block, dim=1).to(x.device)
+        with torch.no_grad():
+            if self.mode == "swap":
+                mixed = ops.skelemix_gather(x, partner.to(x.device), region, impl=self.impl)
+            else:
+                fill = (torch.zeros_like(x) if self.mode == "zeros"
+                        else torch.randn(x.shape, generator=generator).to(x))
+                mixed = torch.where(region[:, None, :, :, None], fill, x)
+        return MixedBatch(mixed, mask.to(x.device), None if partner is None else partner.to(x.device))

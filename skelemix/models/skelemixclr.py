@@ -1,0 +1,195 @@
+"""The SkeleMixCLR objective: MoCo queue, momentum encoder, instance / trimmed / truncated logits (REFERENCE.md 4).
+
+One class covers the released variants; they differ only in their mixing rows (``swap_params``):
+
+* ``skeletonclr``: no mixing, plain MoCo (the ablation baseline; head without BN as in ``skeletonclr.py``).
+* ``skelemixclr``: one mixed sample per step, ``L = L_ins + alpha * (L_p + L_c) / 2`` (``skeletonclr_swap.py``).
+* ``skelemixclr+``: per query view ``i`` and repeat ``r``:
+  ``L = sum_i w_i L_ins,i + sum_i w_i reduce_r (L_p,r + L_c,r) / 2`` (``skeletonclr_multi_swapv2.py``).
+
+Official behaviours that are bugs are fixed by default; where the fix changes numbers a flag brings the
+official behaviour back: ``official_key_init`` (encoder_k starts from different random weights) and
+``repeat_reduction="sum"`` (regional losses summed over repeats instead of averaged).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import Graph
+from ..mix import SkeleMix
+from .stgcn import STGCN, init_weights
+
+# Default settings of each released variant; everything else comes from the constructor's defaults.
+VARIANTS = {
+    "skeletonclr": dict(swap_params=(), head="mlp_nobn"),
+    "skelemixclr": dict(swap_params=((1, 4, 1, 15, 1, 1.0),), head="mlp"),
+    "skelemixclr+": dict(swap_params=((2, 3, 7, 11, 3, 1.0),), head="mlp"),
+}
+
+
+def _gather_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Keys from every rank (in rank order) so each rank enqueues the same global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return keys
+    out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, keys.contiguous())
+    return torch.cat(out)
+
+
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """The official multi-positive NCE with its one-hot positive mask is cross-entropy with target 0."""
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device))
+
+
+class SkeleMixCLR(nn.Module):
+    """MoCo + SkeleMix pretraining model.
+
+    Args:
+        encoder: keyword arguments of :class:`~skelemix.models.stgcn.STGCN` (without ``num_class``/``head``).
+        feature_dim: projection size (128). ``queue_size``: K (32768). ``momentum``: m (0.999).
+        temperature: tau (0.2 in the released config).
+        swap_params: rows ``(spa_l, spa_u, tem_l, tem_u, repeat, weight)``, one per query view; empty for
+            plain SkeletonCLR.
+        head: ``"mlp"`` (Linear-BN-ReLU-Linear), ``"mlp_nobn"`` or ``"linear"``.
+        alpha: extra weight of the regional terms (``--alpha`` of the single-mix code; 1).
+        repeat_reduction: ``"mean"`` (default) or ``"sum"`` (official v2) over the repeats of a view.
+        official_key_init: reproduce the official initialisation (encoder_k not a copy of encoder_q).
+        mix: keyword arguments of :class:`~skelemix.mix.SkeleMix` besides ranges and block (``mode``,
+            ``spatial_mode``, ``per_sample``, ``partner``, ``random_joints``).
+    """
+
+    def __init__(self, encoder: dict | None = None, feature_dim: int = 128, queue_size: int = 32768,
+                 momentum: float = 0.999, temperature: float = 0.2,
+                 swap_params: Sequence[Sequence[float]] = ((2, 3, 7, 11, 3, 1.0),), head: str = "mlp",
+                 alpha: float = 1.0, repeat_reduction: str = "mean", official_key_init: bool = False,
+                 mix: dict | None = None):
+        super().__init__()
+        if repeat_reduction not in ("mean", "sum"):
+            raise ValueError(f"repeat_reduction must be 'mean' or 'sum'; got {repeat_reduction!r}")
+        if queue_size < 1 or feature_dim < 1:
+            raise ValueError(f"queue_size and feature_dim must be positive; got {queue_size}, {feature_dim}")
+        encoder = dict(encoder or {})
+        graph = encoder.pop("graph", None)
+        graph = graph if isinstance(graph, Graph) else Graph(**(graph or {}))
+        self.encoder_q = STGCN(num_class=feature_dim, head=head, graph=graph, **encoder)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        self.K, self.m, self.T = queue_size, momentum, temperature
+        self.alpha, self.repeat_reduction = alpha, repeat_reduction
+        self.swap_params = [tuple(row) for row in swap_params]
+        layout = graph.layout
+        self.mixers = []
+        for row in self.swap_params:
+            if len(row) != 6:
+                raise ValueError(f"each swap_params row is (spa_l, spa_u, tem_l, tem_u, repeat, weight); got {row}")
+            spa_l, spa_u, tem_l, tem_u, repeat, _ = row
+            if int(repeat) < 1:
+                raise ValueError(f"swap_params repeat must be >= 1; got {repeat}")
+            self.mixers.append(SkeleMix(layout.body_parts, layout.num_joints, (int(spa_l), int(spa_u)),
+                                        (int(tem_l), int(tem_u)), block=self.encoder_q.temporal_stride,
+                                        impl=self.encoder_q.impl, **(mix or {})))
+        self.register_buffer("queue", F.normalize(torch.randn(feature_dim, queue_size), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+        if official_key_init:
+            self.apply(init_weights)  # after the copy: the encoders start different, as in the official code
+        else:
+            self.encoder_q.apply(init_weights)
+            self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def _momentum_update(self):
+        q = [p.detach() for p in self.encoder_q.parameters()]
+        k = list(self.encoder_k.parameters())
+        torch._foreach_lerp_(k, q, 1.0 - self.m)  # k = m*k + (1-m)*q
+
+    @torch.no_grad()
+    def _enqueue(self, keys: torch.Tensor):
+        keys = _gather_keys(keys)
+        n = keys.shape[0]
+        if self.K % n:
+            raise ValueError(f"queue_size ({self.K}) must be a multiple of the global batch size ({n})")
+        ptr = int(self.queue_ptr)
+        self.queue[:, ptr:ptr + n] = keys.T
+        self.queue_ptr[0] = (ptr + n) % self.K
+
+    def _logits(self, feat: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor,
+                extra: torch.Tensor | None = None) -> torch.Tensor:
+        cols = [(feat * positive).sum(1, keepdim=True), feat @ queue]
+        if extra is not None:
+            cols.append((feat * extra.detach()).sum(1, keepdim=True))
+        return torch.cat(cols, dim=1) / self.T
+
+    def forward(self, queries: torch.Tensor | Sequence[torch.Tensor], key: torch.Tensor, generator=None) -> dict:
+        """One pretraining step's loss.
+
+        Args:
+            queries: one ``(N, C, T, V, M)`` batch per query view (a tensor means one view).
+            key: ``(N, C, T, V, M)``, an independent augmentation of the same samples.
+            generator: torch generator for the mixing draws (the global RNG if None).
+
+        Returns a dict with ``loss`` (to backpropagate) and detached parts ``loss_ins``, ``loss_p``,
+        ``loss_c`` (per-term means over views/mixes) and ``acc_ins`` (instance top-1 of the positive).
+        """
+        if isinstance(queries, torch.Tensor):
+            queries = [queries]
+        if self.swap_params and len(queries) != len(self.swap_params):
+            raise ValueError(f"got {len(queries)} query views but swap_params has {len(self.swap_params)} rows")
+        weights = [float(row[5]) for row in self.swap_params] or [1.0] * len(queries)
+
+        # Draw every mixed batch first (the official order of random draws), then run the encoders.
+        mixed = [[mixer(q, generator) for _ in range(int(row[4]))]
+                 for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
+        q_feats = [F.normalize(self.encoder_q(q), dim=1) for q in queries]
+        pc_feats = [[tuple(F.normalize(f, dim=1) for f in self.encoder_q(mb.x, mb.mask)) for mb in view]
+                    for view in mixed]
+        with torch.no_grad():
+            self._momentum_update()
+            k = F.normalize(self.encoder_k(key), dim=1)
+        queue = self.queue.clone().detach()
+
+        loss = key.new_zeros(())
+        terms = {"ins": [], "p": [], "c": []}
+        acc = []
+        for w, q in zip(weights, q_feats):
+            logits = self._logits(q, k, queue)
+            term = contrastive_loss(logits)
+            loss = loss + w * term
+            terms["ins"].append(term.detach())
+            acc.append((logits.argmax(1) == 0).float().mean())
+        for w, view, feats in zip(weights, mixed, pc_feats):
+            regional = []
+            for mb, (p, c) in zip(view, feats):
+                loss_c = contrastive_loss(self._logits(c, k, queue, extra=p))
+                terms["c"].append(loss_c.detach())
+                if mb.partner is None:  # zeros/gaussian fill: the region holds no sample, so no trimmed term
+                    regional.append(loss_c)
+                    continue
+                loss_p = contrastive_loss(self._logits(p, k[mb.partner], queue, extra=c))
+                terms["p"].append(loss_p.detach())
+                regional.append(0.5 * (loss_p + loss_c))
+            total = torch.stack(regional).sum()
+            if self.repeat_reduction == "mean":
+                total = total / len(regional)
+            loss = loss + w * self.alpha * total
+
+        self._enqueue(k)
+        nan = key.new_full((), float("nan"))
+        out = {f"loss_{name}": torch.stack(v).mean() if v else nan for name, v in terms.items()}
+        out["loss"] = loss
+        out["acc_ins"] = torch.stack(acc).mean()
+        return out
+
+
+def build_pretrain_model(variant: str = "skelemixclr+", **kwargs) -> SkeleMixCLR:
+    """A :class:`SkeleMixCLR` with a released variant's defaults; ``kwargs`` override them."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    return SkeleMixCLR(**{**VARIANTS[variant], **kwargs})

@@ -1,0 +1,182 @@
+"""The ST-GCN encoder of SkeleMixCLR (REFERENCE.md 2.2-2.5).
+
+Module names follow the official ``net/st_gcn_swap.py`` where that costs nothing (``data_bn``, ``gcn.conv``,
+``tcn.0/2/3``, ``residual.0/1``, ``fc``, buffer ``A``); the ten blocks live in ``blocks`` and each block
+holds its own ``edge_importance``. :mod:`skelemix.checkpoint` maps the official keys onto these.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..graph import Graph
+
+
+class GraphConv(nn.Module):
+    """1x1 convolution to ``K * out`` channels, then aggregation over the ``K`` adjacency subsets."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_subsets: int):
+        super().__init__()
+        self.num_subsets = num_subsets
+        self.conv = nn.Conv2d(in_channels, out_channels * num_subsets, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, A: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        weight = self.conv.weight.flatten(1)
+        return ops.graph_conv(x, weight, self.conv.bias, A, impl=impl)
+
+
+class STGCNBlock(nn.Module):
+    """``relu(tcn(gcn(x)) + residual(x))`` with the official residual rule."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_subsets: int, num_joints: int, stride: int = 1,
+                 dropout: float = 0.0, residual: bool = True, edge_importance: bool = True,
+                 temporal_kernel: int = 9):
+        super().__init__()
+        self.stride = stride
+        self.gcn = GraphConv(in_channels, out_channels, num_subsets)
+        pad = (temporal_kernel - 1) // 2
+        self.tcn = nn.Sequential(
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, (temporal_kernel, 1), (stride, 1), (pad, 0)),
+            nn.BatchNorm2d(out_channels),
+            nn.Dropout(dropout),
+        )
+        if not residual:
+            self.residual = None
+        elif in_channels == out_channels and stride == 1:
+            self.residual = nn.Identity()
+        else:
+            self.residual = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride=(stride, 1)),
+                                          nn.BatchNorm2d(out_channels))
+        self.edge_importance = (nn.Parameter(torch.ones(num_subsets, num_joints, num_joints))
+                                if edge_importance else None)
+
+    def forward(self, x: torch.Tensor, A: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+        A_eff = A * self.edge_importance if self.edge_importance is not None else A
+        out = self.tcn(self.gcn(x, A_eff, impl))
+        if self.residual is not None:
+            out = out + self.residual(x)
+        return torch.relu(out)
+
+
+def mlp_head(in_dim: int, out_dim: int, batch_norm: bool = True) -> nn.Sequential:
+    """The projection head: ``Linear-BN-ReLU-Linear`` (SkeleMixCLR, keys fc.0/1/3) or ``Linear-ReLU-Linear``
+    (plain SkeletonCLR, keys fc.0/2)."""
+    mid = [nn.BatchNorm1d(in_dim)] if batch_norm else []
+    return nn.Sequential(nn.Linear(in_dim, in_dim), *mid, nn.ReLU(), nn.Linear(in_dim, out_dim))
+
+
+class STGCN(nn.Module):
+    """ST-GCN encoder.
+
+    Args:
+        in_channels: input coordinates per joint (3).
+        hidden_channels: width of the first blocks (16 in SkeleMixCLR, 64 for standard ST-GCN).
+        hidden_dim: width of the last block and of the pooled feature (256).
+        num_class: output size of ``fc``; ``None`` means no ``fc`` (forward returns pooled features).
+        head: ``"linear"`` (``Linear(hidden_dim, num_class)``), ``"mlp"`` (with BN) or ``"mlp_nobn"``.
+        dropout: dropout of blocks 1-9 (block 0 has none, as in the official code).
+        edge_importance: learnable per-block edge weights (initialised to 1).
+        graph: a :class:`Graph` or keyword arguments for one (default NTU, agcn).
+        impl: implementation of the fused ops (see :mod:`skelemix.ops`).
+
+    ``forward(x)`` takes ``(N, C, T, V, M)`` and returns ``fc(pool(x))`` of shape ``(N, num_class)``;
+    ``forward(x, mask)`` with a bool ``(G, T', V)`` mask at feature resolution (``G`` in ``{1, N}``) returns
+    the trimmed/truncated pair ``(fc(p), fc(c))``. ``feature_map(x)`` gives ``(N*M, hidden_dim, T', V)``.
+    """
+
+    def __init__(self, in_channels: int = 3, hidden_channels: int = 16, hidden_dim: int = 256,
+                 num_class: int | None = None, head: str = "linear", dropout: float = 0.5,
+                 edge_importance: bool = True, graph: Graph | dict | None = None, impl: str = "auto"):
+        super().__init__()
+        graph = graph if isinstance(graph, Graph) else Graph(**(graph or {}))
+        self.graph = graph
+        self.impl = ops.check_impl(impl)
+        self.register_buffer("A", torch.tensor(graph.A, dtype=torch.float32))
+        K, V = graph.num_subsets, graph.layout.num_joints
+        self.in_channels = in_channels
+        self.data_bn = nn.BatchNorm1d(in_channels * V)
+        hc = hidden_channels
+        # (in, out, stride) of the ten blocks.
+        plan = [(in_channels, hc, 1), (hc, hc, 1), (hc, hc, 1), (hc, hc, 1), (hc, 2 * hc, 2),
+                (2 * hc, 2 * hc, 1), (2 * hc, 2 * hc, 1), (2 * hc, 4 * hc, 2), (4 * hc, 4 * hc, 1),
+                (4 * hc, hidden_dim, 1)]
+        self.blocks = nn.ModuleList(
+            STGCNBlock(cin, cout, K, V, stride, dropout=0.0 if i == 0 else dropout, residual=i > 0,
+                       edge_importance=edge_importance)
+            for i, (cin, cout, stride) in enumerate(plan))
+        self.hidden_dim = hidden_dim
+        self.temporal_stride = 1
+        for block in self.blocks:
+            self.temporal_stride *= block.stride
+        if num_class is None:
+            self.fc = None
+        elif head == "linear":
+            self.fc = nn.Linear(hidden_dim, num_class)
+        elif head in ("mlp", "mlp_nobn"):
+            self.fc = mlp_head(hidden_dim, num_class, batch_norm=head == "mlp")
+        else:
+            raise ValueError(f"head must be 'linear', 'mlp' or 'mlp_nobn'; got {head!r}")
+
+    def _check_input(self, x: torch.Tensor):
+        V = self.graph.layout.num_joints
+        if x.dim() != 5 or x.shape[1] != self.in_channels or x.shape[3] != V:
+            raise ValueError(f"x must have shape (N, {self.in_channels}, T, {V}, M); got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor; got {x.dtype}")
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, T, V, M)`` -> ``(N*M, hidden_dim, ceil(T / temporal_stride), V)``."""
+        self._check_input(x)
+        N, C, T, V, M = x.shape
+        # data_bn channel index is v*C + c; both bodies share it.
+        x = x.permute(0, 4, 3, 1, 2).reshape(N * M, V * C, T)
+        x = self.data_bn(x)
+        x = x.view(N, M, V, C, T).permute(0, 1, 3, 4, 2).reshape(N * M, C, T, V)
+        for block in self.blocks:
+            x = block(x, self.A, self.impl)
+        return x
+
+    def pool(self, features: torch.Tensor, num_bodies: int, mask: torch.Tensor | None = None):
+        """Pool a feature map over (T', V) and average the bodies: ``(N, C)``, or ``(p, c)`` with a mask."""
+        B, C, T, V = features.shape
+        if mask is None:
+            region = torch.ones(1, T, V, dtype=torch.bool, device=features.device)
+        else:
+            if mask.dim() == 2:
+                mask = mask.unsqueeze(0)
+            N = B // num_bodies
+            if mask.dtype != torch.bool or mask.shape[1:] != (T, V) or mask.shape[0] not in (1, N):
+                raise ValueError(f"mask must be a bool tensor of shape (1 or {N}, {T}, {V}) at feature "
+                                 f"resolution; got {mask.dtype} {tuple(mask.shape)}")
+            region = mask.to(features.device)
+        pooled = ops.mask_pool(features, region, impl=self.impl)
+        pooled = pooled.view(B // num_bodies, num_bodies, 2, C).mean(1)
+        return pooled[:, 0] if mask is None else (pooled[:, 0], pooled[:, 1])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        features = self.feature_map(x)
+        pooled = self.pool(features, x.shape[-1], mask)
+        if self.fc is None:
+            return pooled
+        if mask is None:
+            return self.fc(pooled)
+        p, c = pooled
+        # The head sees p and c as two separate batches (its BatchNorm too), as in the official code.
+        return self.fc(p), self.fc(c)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The official ``weights_init``: conv/linear ~ N(0, 0.02), bias 0; BN weight ~ N(1, 0.02), bias 0.
+
+    Apply with ``model.apply(init_weights)``; edge importances stay at 1.
+    """
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,102 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from official_stgcn import OfficialModel
+from skelemix.checkpoint import export_official, load_checkpoint, load_official, save_checkpoint
+from skelemix.models import STGCN, SkeleMixCLR
+
+
+def randomize(module):
+    """Move every weight and BN statistic away from its initial value so mapping mistakes show."""
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif t.is_floating_point() and not name.endswith(("A", "queue")):
+                t.add_(torch.randn_like(t) * 0.1)
+
+
+def small_encoder(**kw):
+    return STGCN(hidden_channels=4, hidden_dim=16, **kw)
+
+
+def test_atomic_save_and_safe_load(tmp_path):
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint({"step": 3, "w": torch.arange(4)}, path)
+    assert load_checkpoint(path)["step"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary left behind
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("interrupted mid-write")
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        save_checkpoint({"step": 4, "bad": Boom()}, path)
+    assert load_checkpoint(path)["step"] == 3  # the previous checkpoint survives a failed write
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_load_refuses_code_in_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"x": Payload()}, path)
+    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*evil.pt safely"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_official_encoder_weights_give_the_official_outputs(mlp):
+    torch.manual_seed(0)
+    ours = small_encoder(num_class=10, head="mlp" if mlp else "linear")
+    official = OfficialModel(ours.A, hc=4, hd=16, num_class=10, mlp=mlp)
+    randomize(official)
+    sd = {"encoder_q." + k: v for k, v in official.state_dict().items()}
+    ours.load_state_dict(load_official(sd))
+    ours.eval(), official.eval()
+    x = torch.randn(3, 3, 16, 25, 2)
+    torch.testing.assert_close(ours(x), official(x), rtol=1e-5, atol=1e-6)
+    mask = torch.zeros(4, 25, dtype=torch.bool)
+    mask[1:3, 5:12] = True
+    for a, b in zip(ours(x, mask), official(x, mask)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # ...and back: exported weights load strictly into the official structure.
+    back = OfficialModel(ours.A, hc=4, hd=16, num_class=10, mlp=mlp)
+    exported = export_official(ours)
+    assert all(k.startswith("encoder_q.") for k in exported)
+    back.load_state_dict({k[len("encoder_q."):]: v for k, v in exported.items()})
+    torch.testing.assert_close(back.eval()(x), official(x), rtol=1e-5, atol=1e-6)
+
+
+def test_official_pretraining_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16), feature_dim=8, queue_size=32)
+    randomize(model)
+    official_keys = set()
+    for prefix in ("encoder_q.", "encoder_k."):
+        ref = OfficialModel(model.encoder_q.A, hc=4, hd=16, num_class=8, mlp=True)
+        official_keys |= {prefix + k for k in ref.state_dict()}
+    exported = export_official(model)
+    assert set(exported) == official_keys | {"queue", "queue_ptr"}
+    # As the official code saves it (DataParallel prefix, the v1 label buffer), through a file.
+    path = tmp_path / "epoch300_model.pt"
+    torch.save({"module." + k: v for k, v in exported.items()} | {"module.queue_label": torch.zeros(32)}, path)
+    again = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16), feature_dim=8, queue_size=32)
+    again.load_state_dict(load_official(path))
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_load_official_rejects_non_state_dicts(tmp_path):
+    with pytest.raises(ValueError, match="state dict"):
+        load_official({"epoch": 3})
+    with pytest.raises(ValueError, match="unexpected key 'fc.weight'"):
+        load_official({"fc.weight": torch.zeros(1)})

@@ -1,4 +1,51 @@
 """Datasets: prepared skeleton arrays and the generated demo data."""
-from .synthetic import make_synthetic
+from __future__ import annotations
 
-__all__ = ["make_synthetic"]
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .prepared import PreparedDataset, read_meta, write_meta, write_split
+from .synthetic import CLASSES, make_synthetic, write_synthetic
+
+__all__ = ["ArrayDataset", "PreparedDataset", "load_splits", "make_synthetic", "read_meta", "write_meta",
+           "write_split", "write_synthetic"]
+
+
+class ArrayDataset(Dataset):
+    """In-memory arrays with the interface of :class:`PreparedDataset` (``data``, ``labels``, ``targets``)."""
+
+    def __init__(self, data: np.ndarray, labels: np.ndarray, classes, indices=None):
+        self.data, self.labels = np.asarray(data, dtype=np.float32), np.asarray(labels, dtype=np.int64)
+        self.meta = {"classes": list(classes)}
+        self.indices = np.arange(len(self.data)) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["classes"])
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels[self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        return torch.from_numpy(self.data[j]), int(self.labels[j])
+
+
+def load_splits(data_config) -> tuple[Dataset, Dataset]:
+    """The (train, val) datasets a :class:`~skelemix.config.DataConfig` names; ``root: synthetic`` generates
+    them in memory. The frame count of the data must match ``data_config.frames``."""
+    c = data_config
+    if c.root == "synthetic":
+        train = ArrayDataset(*make_synthetic(c.synthetic_train, frames=c.frames, seed=c.synthetic_seed), CLASSES)
+        val = ArrayDataset(*make_synthetic(c.synthetic_val, frames=c.frames, seed=c.synthetic_seed + 1), CLASSES)
+        return train, val
+    train, val = PreparedDataset(c.root, c.train_split), PreparedDataset(c.root, c.val_split)
+    frames = train.data.shape[2]
+    if frames != c.frames:
+        raise ValueError(f"{c.root}: the prepared data has {frames} frames but data.frames is {c.frames}")
+    return train, val

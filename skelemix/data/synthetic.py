@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import NTU
+from .prepared import write_meta, write_split
 
 CLASSES = ("wave", "punch", "kick", "squat", "jump", "bow", "clap", "walk", "arm_circles", "handshake", "push")
 TWO_PERSON = ("handshake", "push")
@@ -70,98 +71,85 @@ def _pose(rotations: dict, lengths: dict, T: int) -> np.ndarray:
     return pos
 
 
-def _motion(action: str, phase: np.ndarray, amp: float, side: str, rng) -> tuple[dict, np.ndarray]:
-    """Joint rotations and root translation ``(T, 3)`` of one action; ``phase`` runs over the action's
-    cycles (radians)."""
-    T = len(phase)
+def _motion(action: str, phase: np.ndarray, amp: float, side: str) -> tuple[list, np.ndarray]:
+    """One action as joint-angle series ``[(joint, kind, angles (T,))]`` plus a root translation ``(T, 3)``;
+    ``phase`` runs over the action's cycles (radians). Kinds: ``flex`` (swing forward), ``side`` (raise
+    sideways), ``bend`` (knee)."""
     s, c = np.sin(phase), np.cos(phase)
-    pulse = 0.5 - 0.5 * np.cos(phase)  # 0 -> 1 -> 0 once per cycle
+    pulse = 0.5 - 0.5 * c  # 0 -> 1 -> 0 once per cycle
     sh, el, hip, kn = _LIMB[side]
     osh, oel, ohip, okn = _LIMB["left" if side == "right" else "right"]
-    rot, root = {}, np.zeros((T, 3))
+    root = np.zeros((len(phase), 3))
     if action == "wave":
-        rot[sh] = _raise_side(np.full(T, 2.4 * amp), side)
-        rot[el] = _raise_side(0.5 * amp * s, side) @ _flex(np.full(T, 0.3))
+        moves = [(el, "side", 0.7 * amp * s), (sh, "side", 0.25 * amp * s)]
     elif action == "punch":
-        rot[sh] = _flex(np.full(T, 1.5 * amp))
-        rot[el] = _flex(1.9 * amp * (1 - pulse ** 3))
-        rot[osh], rot[oel] = _flex(np.full(T, 0.6)), _flex(np.full(T, 1.9))  # guard
+        jab = np.abs(s) ** 3
+        moves = [(el, "flex", -1.4 * amp * jab), (sh, "flex", 0.6 * amp * jab)]
     elif action == "kick":
-        rot[hip] = _flex(1.2 * amp * pulse)
-        rot[kn] = _bend(1.2 * amp * np.clip(np.sin(phase - 0.8), 0, None))
+        moves = [(hip, "flex", 1.0 * amp * pulse ** 2), (kn, "bend", 0.9 * amp * np.clip(np.sin(phase - 0.8), 0, None))]
     elif action == "squat":
-        rot[hip] = rot[ohip] = _flex(1.5 * amp * pulse)
-        rot[kn] = rot[okn] = _bend(1.9 * amp * pulse)
-        rot[1] = _flex(0.4 * amp * pulse)
-        rot[sh] = rot[osh] = _flex(1.3 * amp * pulse)
-        root[:, 1] = -0.35 * amp * pulse
+        moves = [(j, "flex", 1.1 * amp * pulse) for j in (hip, ohip)] + [(j, "bend", 1.5 * amp * pulse) for j in (kn, okn)]
+        moves.append((1, "flex", 0.35 * amp * pulse))
+        root[:, 1] = -0.3 * amp * pulse
     elif action == "jump":
-        crouch = np.clip(np.cos(phase), 0, None)
-        rot[hip] = rot[ohip] = _flex(0.8 * amp * crouch)
-        rot[kn] = rot[okn] = _bend(1.0 * amp * crouch)
-        rot[sh] = rot[osh] = _flex(2.4 * amp * np.clip(-np.cos(phase), 0, None))
-        root[:, 1] = 0.3 * amp * np.clip(-np.cos(phase), 0, None) - 0.15 * amp * crouch
+        crouch, air = np.clip(c, 0, None), np.clip(-c, 0, None)
+        moves = [(j, "flex", 0.7 * amp * crouch) for j in (hip, ohip)] + [(j, "bend", 0.9 * amp * crouch) for j in (kn, okn)]
+        moves += [(j, "flex", 1.2 * amp * air) for j in (sh, osh)]
+        root[:, 1] = 0.3 * amp * air - 0.15 * amp * crouch
     elif action == "bow":
-        rot[1] = _flex(0.9 * amp * pulse)
-        rot[2] = _flex(0.3 * amp * pulse)
+        moves = [(1, "flex", 0.8 * amp * pulse), (2, "flex", 0.3 * amp * pulse)]
     elif action == "clap":
-        inward = 0.45 * amp * pulse
-        rot[sh] = _flex(np.full(T, 1.3)) @ _raise_side(-inward, side)
-        rot[osh] = _flex(np.full(T, 1.3)) @ _raise_side(-inward, "left" if side == "right" else "right")
-        rot[el] = rot[oel] = _flex(np.full(T, 0.5))
+        moves = [(sh, "side", -0.5 * amp * pulse), (osh, "side", -0.5 * amp * pulse)]
     elif action == "walk":
-        rot[hip], rot[ohip] = _flex(0.45 * amp * s), _flex(-0.45 * amp * s)
-        rot[kn], rot[okn] = _bend(0.8 * amp * np.clip(-s, 0, None)), _bend(0.8 * amp * np.clip(s, 0, None))
-        rot[sh], rot[osh] = _flex(-0.4 * amp * s), _flex(0.4 * amp * s)
-        root[:, 2] = 0.25 * amp * np.linspace(0, 1, T)
-        root[:, 1] = 0.02 * np.abs(c)
+        moves = [(hip, "flex", 0.45 * amp * s), (ohip, "flex", -0.45 * amp * s),
+                 (kn, "bend", 0.7 * amp * np.clip(-s, 0, None)), (okn, "bend", 0.7 * amp * np.clip(s, 0, None)),
+                 (sh, "flex", -0.4 * amp * s), (osh, "flex", 0.4 * amp * s)]
+        root[:, 2] = 0.25 * amp * np.linspace(0, 1, len(phase))
     elif action == "arm_circles":
-        for j, sd in ((sh, side), (osh, "left" if side == "right" else "right")):
-            rot[j] = _raise_side(1.5 + 0.35 * amp * c, sd) @ _flex(0.35 * amp * s)
+        moves = [(j, kind, 0.4 * amp * f) for j in (sh, osh) for kind, f in (("side", c), ("flex", s))]
     elif action == "handshake":
-        rot[sh] = _flex(0.8 + 0.12 * amp * s)
-        rot[el] = _flex(np.full(T, 0.7))
+        moves = [(el, "flex", 0.2 * amp * s), (sh, "flex", 0.15 * amp * s)]
     elif action == "push":
-        rot[sh] = rot[osh] = _flex(np.full(T, 1.4 * amp))
-        rot[el] = rot[oel] = _flex(1.6 * (1 - pulse))
+        moves = [(j, "flex", -1.2 * amp * pulse) for j in (el, oel)] + [(j, "flex", 0.4 * amp * pulse) for j in (sh, osh)]
     else:
         raise ValueError(f"unknown action {action!r}")
-    rot[sh] = rot.get(sh, np.broadcast_to(np.eye(3), (T, 3, 3))) @ _rot("y", rng.normal(0, 0.05, T).cumsum() * 0.1)
-    return rot, root
+    return moves, root
 
 
-def _partner(action: str, phase: np.ndarray, amp: float, side: str) -> tuple[dict, np.ndarray]:
+def _partner(action: str, phase: np.ndarray, amp: float, side: str) -> tuple[list, np.ndarray]:
     """The second person of an interaction (facing the first)."""
-    T = len(phase)
-    pulse = 0.5 - 0.5 * np.cos(phase)
     sh, el, _, _ = _LIMB[side]
-    rot, root = {}, np.zeros((T, 3))
+    root = np.zeros((len(phase), 3))
     if action == "handshake":
-        rot[sh] = _flex(0.8 + 0.12 * amp * np.sin(phase))
-        rot[el] = _flex(np.full(T, 0.7))
-    else:  # pushed: leans and steps back
-        rot[1] = _flex(-0.35 * amp * pulse)
-        root[:, 2] = -0.3 * amp * pulse
-    return rot, root
+        return [(el, "flex", 0.2 * amp * np.sin(phase)), (sh, "flex", 0.15 * amp * np.sin(phase))], root
+    pulse = 0.5 - 0.5 * np.cos(phase)  # pushed: leans and steps back
+    root[:, 2] = -0.3 * amp * pulse
+    return [(1, "flex", -0.35 * amp * pulse)], root
 
 
-def _with_idle_posture(rot: dict, T: int, rng) -> dict:
-    """Give every joint the action does not drive a random resting angle, and jitter the driven ones, so
-    that classes differ by how the body moves rather than by a static pose."""
-    out = dict(rot)
+_SIDE_OF = {j: side for side, joints in _LIMB.items() for j in joints}
+_AXIS = {"flex": _flex, "bend": _bend}
+
+
+def _articulate(moves: list, T: int, rng) -> dict:
+    """Joint rotations: a random resting posture (drawn the same way for every class) times the action's
+    movement. Each angle series is made zero-mean, so an action shows in how the body moves, not in a static
+    pose that a linear classifier on raw coordinates could pick up."""
+    rot = {}
     for side in ("left", "right"):
         sh, el, hip, kn = _LIMB[side]
-        idle = {sh: _flex([rng.uniform(-0.3, 2.0)])[0] @ _raise_side([rng.uniform(0, 2.6)], side)[0],
-                el: _flex([rng.uniform(0, 1.8)])[0],
-                hip: _flex([rng.uniform(-0.15, 0.35)])[0] @ _raise_side([rng.uniform(0, 0.25)], side)[0],
-                kn: _bend([rng.uniform(0, 0.4)])[0]}
-        for j, r in idle.items():
-            out[j] = np.broadcast_to(r, (T, 3, 3)) if j not in rot else (
-                _flex([rng.normal(0, 0.25)])[0] @ _raise_side([rng.normal(0, 0.25)], side)[0] @ rot[j])
+        rot[sh] = _flex([rng.uniform(-0.2, 1.0)])[0] @ _raise_side([rng.uniform(0, 1.0)], side)[0]
+        rot[el] = _flex([rng.uniform(0, 1.0)])[0]
+        rot[hip] = _flex([rng.uniform(-0.15, 0.35)])[0] @ _raise_side([rng.uniform(0, 0.25)], side)[0]
+        rot[kn] = _bend([rng.uniform(0, 0.4)])[0]
     for j in (1, 2):
-        lean = _flex([rng.normal(0, 0.12)])[0] @ _rot("z", [rng.normal(0, 0.08)])[0]
-        out[j] = lean @ rot[j] if j in rot else np.broadcast_to(lean, (T, 3, 3))
-    return out
+        rot[j] = _flex([rng.normal(0, 0.12)])[0] @ _rot("z", [rng.normal(0, 0.08)])[0]
+    rot = {j: np.broadcast_to(r, (T, 3, 3)) for j, r in rot.items()}
+    for joint, kind, angles in moves:
+        angles = angles - angles.mean()
+        step = _raise_side(angles, _SIDE_OF[joint]) if kind == "side" else _AXIS[kind](angles)
+        rot[joint] = rot[joint] @ step
+    return rot
 
 
 def _subject(rng) -> dict:
@@ -170,7 +158,7 @@ def _subject(rng) -> dict:
 
 
 def _camera(rng) -> np.ndarray:
-    yaw, pitch = rng.uniform(-np.pi / 2, np.pi / 2), rng.uniform(-0.15, 0.15)
+    yaw, pitch = rng.uniform(-np.pi / 4, np.pi / 4), rng.uniform(-0.15, 0.15)
     return _rot("x", [pitch])[0] @ _rot("y", [yaw])[0]
 
 
@@ -180,11 +168,11 @@ def _sample(action: str, frames: int, rng) -> np.ndarray:
               "arm_circles": 2.5, "handshake": 3, "push": 1}[action] * rng.uniform(0.75, 1.3)
     start = rng.uniform(0, 2 * np.pi) if action not in ("bow", "push") else rng.uniform(-0.6, 0.3)
     phase = start + 2 * np.pi * cycles * np.arange(frames) / frames
-    amp = rng.uniform(0.75, 1.15)
+    amp = rng.uniform(1.1, 1.7)
     side = "right" if rng.random() < 0.7 else "left"
     camera = _camera(rng)
     bodies = np.zeros((2, frames, NTU.num_joints, 3))
-    rot, root = _motion(action, phase, amp, side, rng)
+    rot, root = _motion(action, phase, amp, side)
     placement = [(np.eye(3), np.zeros(3))]
     motions = [(rot, root)]
     if action in TWO_PERSON:
@@ -194,9 +182,9 @@ def _sample(action: str, frames: int, rng) -> np.ndarray:
         motions.append(_partner(action, phase, amp, side))
     elif rng.random() < 0.4:  # a bystander, as in real recordings (NTU's A027 files carry a noise body)
         placement.append((_rot("y", [rng.uniform(-np.pi, np.pi)])[0], np.array([rng.uniform(-1.5, 1.5), 0, 0.5])))
-        motions.append(({}, np.zeros((frames, 3))))
+        motions.append(([], np.zeros((frames, 3))))
     for b, ((body_rot, offset), (r, tr)) in enumerate(zip(placement, motions)):
-        pose = _pose(_with_idle_posture(r, frames, rng), _subject(rng), frames) + tr[:, None, :]
+        pose = _pose(_articulate(r, frames, rng), _subject(rng), frames) + (tr - tr.mean(0))[:, None, :]
         pose = pose @ body_rot.T + offset
         bodies[b] = pose @ camera.T + rng.normal(0, 0.008, pose.shape)
     return bodies
@@ -222,3 +210,13 @@ def make_synthetic(num_samples: int, num_classes: int = len(CLASSES), frames: in
         bodies[present] -= bodies[present][:, :, NTU.root: NTU.root + 1]
         data[i] = bodies.transpose(3, 1, 2, 0)
     return data, labels.astype(np.int64)
+
+
+def write_synthetic(root, train_size: int = 880, val_size: int = 440, frames: int = 64, seed: int = 0) -> None:
+    """Write generated data as a prepared dataset (splits ``train`` and ``val``) under ``root``."""
+    sizes = {"train": train_size, "val": val_size}
+    for offset, (split, size) in enumerate(sizes.items()):
+        data, labels = make_synthetic(size, frames=frames, seed=seed + offset)
+        write_split(root, split, data, labels, [f"synthetic_{split}_{i:06d}_{CLASSES[c]}" for i, c in enumerate(labels)])
+    write_meta(root, dataset="synthetic", layout=NTU.name, classes=list(CLASSES), frames=frames, bodies=2,
+               splits=sizes, seed=seed)

@@ -1,0 +1,118 @@
+"""The on-disk format of prepared datasets, shared by every dataset converter and the generated demo data.
+
+A prepared dataset is a folder::
+
+    meta.json               {"format": "skelemix-prepared/1", "dataset", "layout", "classes", "frames",
+                             "bodies", "splits": {split: size}}
+    <split>_data.npy        float32 (N, 3, T, V, M), memory-mappable
+    <split>_label.npy       int64 (N,), 0-based class index
+    <split>_names.txt       N sample names, one per line
+
+Everything is written under a temporary name and renamed last, so an interrupted write never leaves a
+split that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT = "skelemix-prepared/1"
+
+
+def _replace_atomically(tmp: Path, final: Path):
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def write_split(root: str | os.PathLike, split: str, data: np.ndarray, labels: np.ndarray,
+                names: list[str] | None = None) -> None:
+    """Write one split from arrays in memory (converters of large datasets write the same files as memmaps)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    data = np.asarray(data, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 5 or labels.shape != (len(data),):
+        raise ValueError(f"data must be (N, C, T, V, M) and labels (N,); got {data.shape} and {labels.shape}")
+    names = names if names is not None else [f"{split}{i:06d}" for i in range(len(data))]
+    if len(names) != len(data):
+        raise ValueError(f"got {len(names)} names for {len(data)} samples")
+    for suffix, write in (("_data.npy", lambda f: np.save(f, data)), ("_label.npy", lambda f: np.save(f, labels)),
+                          ("_names.txt", lambda f: f.write("".join(f"{n}\n" for n in names).encode()))):
+        final = root / f"{split}{suffix}"
+        tmp = final.with_name(final.name + ".tmp")
+        with open(tmp, "wb") as f:
+            write(f)
+        _replace_atomically(tmp, final)
+
+
+def write_meta(root: str | os.PathLike, *, dataset: str, layout: str, classes: list[str], frames: int, bodies: int,
+               splits: dict[str, int], **extra) -> None:
+    """Write ``meta.json`` (last, after the splits: its presence marks a complete dataset)."""
+    root = Path(root)
+    meta = {"format": FORMAT, "dataset": dataset, "layout": layout, "classes": list(classes), "frames": frames,
+            "bodies": bodies, "splits": dict(splits), **extra}
+    tmp = root / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    _replace_atomically(tmp, root / "meta.json")
+
+
+def read_meta(root: str | os.PathLike) -> dict:
+    path = Path(root) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {root} is not a prepared dataset (or its preparation did not "
+                                "finish); prepare one with `python -m skelemix.data`")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}")
+    return meta
+
+
+class PreparedDataset(Dataset):
+    """One split of a prepared dataset; ``data`` is a read-only memory map unless ``mmap=False``.
+
+    ``dataset[i]`` is ``(float32 tensor (C, T, V, M), int label)``; augmentation happens later, batched on the
+    device. ``indices`` restricts the split to a subset (e.g. the semi-supervised labelled part).
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, mmap: bool = True, indices=None):
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        if split not in self.meta["splits"]:
+            raise ValueError(f"{self.root}: split {split!r} not found; available: {sorted(self.meta['splits'])}")
+        data_path, label_path = self.root / f"{split}_data.npy", self.root / f"{split}_label.npy"
+        self.data = np.load(data_path, mmap_mode="r" if mmap else None)
+        self.labels = np.load(label_path)
+        n = self.meta["splits"][split]
+        if self.data.ndim != 5 or self.data.dtype != np.float32 or len(self.data) != n:
+            raise ValueError(f"{data_path}: expected float32 (N={n}, C, T, V, M); got {self.data.dtype} "
+                             f"{self.data.shape}")
+        if self.labels.shape != (n,) or self.labels.dtype != np.int64:
+            raise ValueError(f"{label_path}: expected int64 ({n},); got {self.labels.dtype} {self.labels.shape}")
+        bad = (self.labels < 0) | (self.labels >= len(self.meta["classes"]))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{label_path}: label {self.labels[i]} of sample {i} is outside "
+                             f"[0, {len(self.meta['classes'])})")
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.split = split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.meta["classes"])
+
+    @property
+    def targets(self) -> np.ndarray:
+        return self.labels[self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        j = self.indices[i]
+        return torch.from_numpy(np.array(self.data[j], dtype=np.float32)), int(self.labels[j])

@@ -188,7 +188,7 @@ setup(
     package_dir={"skelemix.kernels": "kernels"},
     package_data={"skelemix": ["configs/*.yaml"]},
     # torch is required but deliberately not listed: see the module docstring.
-    install_requires=["numpy", "pyyaml", "tqdm"],
+    install_requires=["numpy", "pyyaml", "tqdm", "matplotlib", "tensorboard"],
     extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

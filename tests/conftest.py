@@ -15,6 +15,8 @@ import torch  # noqa: E402
 # Prepared datasets shared between checkouts: <checkouts>/shared/data next to this repository.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED = 0
+# Tests use tiny tensors: one thread is faster and does not slow to a crawl when the machine is busy.
+torch.set_num_threads(1)
 
 
 def _triton_importable() -> bool:

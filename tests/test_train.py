@@ -1,7 +1,96 @@
-from skelemix.train import main
+import json
+import math
+
+import pytest
+import torch
+
+from skelemix.config import ConfigError, build_config, load_config
+from skelemix.train import Trainer, main
+
+TINY = ["data.synthetic_train=16", "data.synthetic_val=8", "data.frames=16", "model.hidden_channels=4",
+        "model.hidden_dim=16", "model.feature_dim=8", "model.queue_size=16", "model.momentum=0.9",
+        "model.swap_params=[[2, 3, 1, 2, 1, 1.0]]", "train.batch_size=8", "train.knn_interval=1",
+        "train.knn_k=[3]", "train.final_linear_eval=false", "train.save_interval=1"]
 
 
-def test_two_step_demo_run(capsys):
-    assert main(["--epochs", "1", "--samples", "12", "--batch-size", "6"]) == 0
-    out = capsys.readouterr().out
-    assert "epoch 1/1" in out and "2 steps" in out
+def run(out, *extra):
+    argv = ["--no-progress", "--out", str(out)]
+    for item in TINY:
+        argv += ["--set", item]
+    return main(argv + list(extra))
+
+
+def step_losses(out):
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["global_step"], r["loss"]) for r in records if r["kind"] == "step"]
+
+
+def test_two_step_run_writes_everything(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--epochs", "1") == 0
+    text = capsys.readouterr().out
+    assert "epoch 1/1" in text and "kNN knn@3=" in text
+    assert len(step_losses(out)) == 2
+    for name in ("config.yaml", "metrics.jsonl", "loss.png", "knn.png", "checkpoints/last.pt", "checkpoints/epoch1.pt"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").iterdir())
+    assert load_config(out / "config.yaml").model.hidden_channels == 4
+
+
+def test_interrupted_then_resumed_run_reproduces_the_losses(tmp_path):
+    assert run(tmp_path / "straight", "--epochs", "2") == 0
+    assert run(tmp_path / "stopped", "--epochs", "2", "--max-steps", "3") == 0  # stops inside epoch 2
+    assert len(step_losses(tmp_path / "stopped")) == 3
+    assert run(tmp_path / "stopped", "--epochs", "2", "--resume") == 0
+    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "stopped")
+    assert len(straight) == 4 and resumed == straight  # bitwise equal losses
+    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "stopped/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_run(tmp_path):
+    assert run(tmp_path / "a", "--epochs", "1") == 0
+    assert run(tmp_path / "b", "--epochs", "1") == 0
+    assert step_losses(tmp_path / "a") == step_losses(tmp_path / "b")
+
+
+def test_nan_loss_stops_with_the_step(tmp_path):
+    config = build_config({}, TINY + [f"train.out={tmp_path}"])
+    trainer = Trainer(config, progress=False)
+    x = torch.stack([trainer.train_set[i][0] for i in range(8)])
+    x[0, 0, 0, 0, 0] = math.nan
+    with pytest.raises(FloatingPointError, match="at step 1 "):
+        trainer.train_step(x)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", r"unknown config key train.epoch; did you mean train.epochs\?"),
+    ("trian.epochs=3", r"unknown config section 'trian'; did you mean 'train'\?"),
+    ("train.epochs=three", r"train.epochs: expected int, got str 'three'"),
+    ("train.batch_size=6", r"model.queue_size \(16\) must be a multiple of train.batch_size \(6\)"),
+    ("model.variant=simclr", r"model.variant: expected one of"),
+    ("data.frames=18", r"data.frames \(18\) must be a multiple of the encoder's temporal stride"),
+    ("optim.lr=-1", r"optim.lr: must be > 0"),
+    ("epochs", r"--set expects key=value"),
+])
+def test_config_errors_are_named(tmp_path, capsys, override, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({}, TINY + [override])
+    assert run(tmp_path, "--set", override) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_shipped_configs_are_valid():
+    from skelemix.config import list_configs
+
+    names = list_configs()
+    assert "demo.yaml" in names and len(names) > 1
+    for name in names:
+        load_config(name)
+
+
+def test_missing_implementation_is_reported(tmp_path, capsys):
+    assert run(tmp_path, "--epochs", "1", "--impl", "triton") == 2
+    err = capsys.readouterr().err
+    assert "impl='triton' cannot run the model here" in err and "graph_conv has no impl='triton'" in err

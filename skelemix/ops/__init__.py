@@ -4,4 +4,27 @@ from .graph_conv import graph_conv
 from .mask_pool import mask_pool
 from .skelemix_gather import skelemix_gather
 
-__all__ = ["IMPLS", "check_impl", "graph_conv", "mask_pool", "skelemix_gather"]
+__all__ = ["IMPLS", "check_impl", "check_impl_available", "graph_conv", "mask_pool", "skelemix_gather"]
+
+
+def check_impl_available(impl: str, device) -> None:
+    """Raise a RuntimeError naming every fused op that cannot run with ``impl`` on ``device`` (a model built
+    with an explicit impl uses all of them); ``auto`` always works."""
+    import importlib
+
+    import torch
+
+    from ._impl import select
+
+    check_impl(impl)
+    if impl == "auto":
+        return
+    problems = []
+    for name in ("graph_conv", "mask_pool", "skelemix_gather"):
+        module = importlib.import_module(f"{__name__}.{name}")  # the module, not the function of that name
+        try:
+            select(name, impl, torch.device(device), module._IMPLEMENTATIONS)
+        except (NotImplementedError, RuntimeError, ValueError) as err:
+            problems.append(str(err))
+    if problems:
+        raise RuntimeError(f"impl={impl!r} cannot run the model here: " + "; ".join(problems))

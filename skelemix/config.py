@@ -1,0 +1,281 @@
+"""Pretraining configuration: typed defaults, YAML files with ``base:`` inheritance, ``--set key=value``.
+
+Every value is checked when the config is built: unknown keys (with the closest valid one), wrong types and
+impossible combinations raise :class:`ConfigError` naming the key, the expected and the actual value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from .graph import LAYOUTS, STRATEGIES
+from .mix import MODES, PARTNERS, SPATIAL_MODES
+from .models.skelemixclr import VARIANTS
+from .ops import IMPLS
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    root: str = "synthetic"  # a prepared dataset folder, or "synthetic" for generated data held in memory
+    train_split: str = "train"
+    val_split: str = "val"
+    view: str = "joint"  # joint | motion | bone
+    frames: int = 64  # must match the prepared data
+    shear: float = 0.5  # shear amplitude of the pretraining augmentation (<= 0: off)
+    temporal_ratio: int = 6  # mirrored temporal shift of up to frames // ratio (<= 0: off)
+    synthetic_train: int = 880  # sizes of the generated splits when root == "synthetic"
+    synthetic_val: int = 440
+    synthetic_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "skelemixclr+"  # skeletonclr | skelemixclr | skelemixclr+
+    layout: str = "ntu-rgb+d"
+    graph: str = "agcn"
+    hidden_channels: int = 16
+    hidden_dim: int = 256
+    dropout: float = 0.5
+    edge_importance: bool = True
+    feature_dim: int = 128
+    queue_size: int = 32768
+    momentum: float = 0.999
+    temperature: float = 0.2
+    swap_params: list | None = None  # rows [spa_l, spa_u, tem_l, tem_u, repeat, weight]; None: the variant's
+    head: str | None = None  # mlp | mlp_nobn | linear; None: the variant's
+    alpha: float = 1.0
+    repeat_reduction: str = "mean"  # "sum" reproduces the official SkeleMixCLR+ weighting
+    official_key_init: bool = False
+    mix_mode: str = "swap"
+    spatial_mode: str = "semantic"
+    per_sample: bool = False
+    partner: str = "shift"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd (the paper's) | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    steps: list = field(default_factory=lambda: [300])  # lr *= 0.1 after each of these (1-based) epochs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 128
+    workers: int = 4
+    seed: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    impl: str = "auto"
+    out: str = "runs/pretrain"
+    save_interval: int = 5  # epochs between kept checkpoints (the latest is always kept)
+    knn_interval: int = 5  # epochs between kNN monitor runs (and at the last epoch); 0: off
+    knn_k: list = field(default_factory=lambda: [10, 20, 40])
+    knn_t: float = 0.1
+    final_linear_eval: bool = False  # after pretraining: linear accuracy, pretrained vs random init
+    linear_epochs: int = 100
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "data.view": ("joint", "motion", "bone"),
+    "model.variant": tuple(VARIANTS),
+    "model.layout": tuple(LAYOUTS),
+    "model.graph": STRATEGIES,
+    "model.head": (None, "mlp", "mlp_nobn", "linear"),
+    "model.repeat_reduction": ("mean", "sum"),
+    "model.mix_mode": MODES,
+    "model.spatial_mode": SPATIAL_MODES,
+    "model.partner": PARTNERS,
+    "train.impl": IMPLS,
+    "optim.name": ("sgd", "adamw"),
+}
+
+
+def _check_type(key: str, value: Any, hint) -> Any:
+    """Coerce ints to floats where floats are expected; reject everything else that does not fit."""
+    allowed = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
+               "list | None": (list, type(None)), "str | None": (str, type(None))}[hint]
+    ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+    if not ok:
+        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+    return float(value) if hint == "float" else value
+
+
+def _sections():
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _merge(base: dict, update: dict, where: str) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, where)
+        else:
+            out[key] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a config file, resolving ``base: other.yaml`` (relative to the file) recursively."""
+    path = Path(path)
+    if not path.is_file() and (CONFIG_DIR / path).is_file():
+        path = CONFIG_DIR / path
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(list_configs())})")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is not None:
+        raw = _merge(load_yaml(path.parent / base), raw, str(path))
+    return raw
+
+
+def list_configs() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with the value parsed as YAML (``3``, ``0.1``, ``true``, ``[300]``, ``cuda``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=10); got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse {value!r}: {err}") from err
+
+
+def build_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """A validated :class:`Config` from a nested mapping plus ``section.key`` overrides."""
+    raw = dict(raw or {})
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for dotted, value in items:
+        if dotted.count(".") != 1:
+            raise ConfigError(f"override keys look like section.key (e.g. train.epochs); got {dotted!r}")
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping")
+        raw[section] = {**raw[section], key: value}
+
+    sections = _sections()
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            hint = difflib.get_close_matches(section, sections, n=1)
+            raise ConfigError(f"unknown config section {section!r}" + (f"; did you mean {hint[0]!r}?" if hint else
+                                                                       f"; valid: {', '.join(sections)}"))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {type(values).__name__}")
+        cls = get_type_hints(Config)[section]
+        hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                hint = difflib.get_close_matches(key, hints, n=1)
+                raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?"
+                                                                           if hint else f"; valid: {', '.join(hints)}"))
+            full = f"{section}.{key}"
+            value = _check_type(full, value, hints[key])
+            if full in _CHOICES and value not in _CHOICES[full]:
+                raise ConfigError(f"{full}: expected one of {', '.join(map(str, _CHOICES[full]))}; got {value!r}")
+            kwargs[key] = value
+        built[section] = cls(**kwargs)
+    config = Config(**built)
+    validate(config)
+    return config
+
+
+def validate(c: Config) -> None:
+    """Combinations that cannot work, caught before any data is read."""
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    t, m, d, o = c.train, c.model, c.data, c.optim
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("data.frames", d.frames),
+                       ("model.hidden_channels", m.hidden_channels), ("model.hidden_dim", m.hidden_dim),
+                       ("model.feature_dim", m.feature_dim), ("model.queue_size", m.queue_size)):
+        need(value >= 1, f"{key}: must be >= 1; got {value}")
+    need(t.workers >= 0, f"train.workers: must be >= 0; got {t.workers}")
+    need(m.queue_size % t.batch_size == 0,
+         f"model.queue_size ({m.queue_size}) must be a multiple of train.batch_size ({t.batch_size}): the queue "
+         "is filled one batch of keys at a time")
+    need(0 <= m.dropout < 1, f"model.dropout: must be in [0, 1); got {m.dropout}")
+    need(0 <= m.momentum <= 1, f"model.momentum: must be in [0, 1]; got {m.momentum}")
+    need(m.temperature > 0, f"model.temperature: must be > 0; got {m.temperature}")
+    need(o.lr > 0, f"optim.lr: must be > 0; got {o.lr}")
+    need(all(isinstance(s, int) for s in o.steps), f"optim.steps: expected a list of epochs; got {o.steps}")
+    need(all(isinstance(k, int) and k >= 1 for k in t.knn_k), f"train.knn_k: expected positive ints; got {t.knn_k}")
+    stride = 4  # the ST-GCN encoder's total temporal stride
+    mixing = m.variant != "skeletonclr" if m.swap_params is None else bool(m.swap_params)
+    if mixing:
+        need(d.frames % stride == 0, f"data.frames ({d.frames}) must be a multiple of the encoder's temporal stride "
+                                     f"({stride}) for SkeleMix regions to align with feature cells")
+        need(t.batch_size >= 2, f"train.batch_size: SkeleMix needs at least 2 samples per batch; got {t.batch_size}")
+    rows = m.swap_params if m.swap_params is not None else VARIANTS[m.variant]["swap_params"]
+    for row in rows:
+        need(isinstance(row, (list, tuple)) and len(row) == 6,
+             f"model.swap_params: each row is [spa_l, spa_u, tem_l, tem_u, repeat, weight]; got {row}")
+        need(row[3] * stride <= d.frames, f"model.swap_params: tem_u={row[3]} blocks of {stride} frames exceed "
+                                         f"data.frames={d.frames}")
+    need(len(rows) <= 1, "model.swap_params: several query views (rows) are not supported by the trainer yet")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """The config of ``path`` (default: the built-in demo) with ``overrides`` applied."""
+    return build_config(load_yaml(path if path is not None else "demo.yaml"), overrides)
+
+
+def make_encoder(model: ModelConfig, num_class: int | None = None, head: str = "linear", impl: str = "auto"):
+    """The ST-GCN encoder a config describes (for evaluation: ``num_class`` classes behind a linear ``fc``)."""
+    from .models import STGCN
+
+    return STGCN(hidden_channels=model.hidden_channels, hidden_dim=model.hidden_dim, num_class=num_class,
+                 head=head, dropout=model.dropout, edge_importance=model.edge_importance,
+                 graph=dict(layout=model.layout, strategy=model.graph), impl=impl)
+
+
+def make_pretrain_model(config: Config):
+    """The :class:`~skelemix.models.SkeleMixCLR` a config describes."""
+    from .models import build_pretrain_model
+
+    m = config.model
+    overrides = {k: v for k, v in (("swap_params", m.swap_params), ("head", m.head)) if v is not None}
+    return build_pretrain_model(
+        m.variant, encoder=dict(hidden_channels=m.hidden_channels, hidden_dim=m.hidden_dim, dropout=m.dropout,
+                                edge_importance=m.edge_importance, graph=dict(layout=m.layout, strategy=m.graph),
+                                impl=config.train.impl),
+        feature_dim=m.feature_dim, queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
+        alpha=m.alpha, repeat_reduction=m.repeat_reduction, official_key_init=m.official_key_init,
+        mix=dict(mode=m.mix_mode, spatial_mode=m.spatial_mode, per_sample=m.per_sample, partner=m.partner),
+        **overrides)

@@ -1,0 +1,111 @@
+"""Pictures: ``python -m skelemix.viz mix``, training curves, confusion matrices and embeddings."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skelemix import viz
+from skelemix.graph import NTU
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine oversubscribed OpenMP
+    threads make them ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_mix_writes_a_png_grid_and_a_gif(tmp_path, capsys):
+    assert viz.main(["mix", "--out", str(tmp_path), "--length", "16", "--frames", "4", "--index", "2"]) == 0
+    with Image.open(tmp_path / "mix.png") as png:
+        assert png.width > 0 and png.height > 0
+    with Image.open(tmp_path / "mix.gif") as gif:
+        assert gif.n_frames == 16 and gif.width > 0
+    assert "sample 2" in capsys.readouterr().out
+
+
+def test_mix_example_pastes_the_partner_inside_the_region():
+    g = torch.Generator().manual_seed(0)
+    x, p = torch.randn(3, 32, 25, 2, generator=g), torch.randn(3, 32, 25, 2, generator=g)
+    for seed in range(5):
+        ex = viz.mix_example(x, p, seed=seed)
+        joints, (t0, t1) = torch.from_numpy(ex["joints"]), ex["window"]
+        inside = torch.zeros(32, 25, dtype=torch.bool)
+        inside[t0:t1, joints] = True
+        expected = torch.where(inside[None, :, :, None], p, x)
+        torch.testing.assert_close(ex["mixed"], expected, rtol=0, atol=0)
+        assert ex["tem_range"] == (4, 6) and 16 <= t1 - t0 <= 24 and t0 % 4 == 0
+        assert 2 <= len(ex["parts"]) <= 3  # the region is a union of 2-3 whole body parts
+        parts = [set(NTU.body_parts[NTU.part_names.index(name)]) for name in ex["parts"]]
+        assert set(joints.nonzero().flatten().tolist()) == set().union(*parts)
+
+
+def test_scaled_temporal_range():
+    assert viz.scaled_tem_range(64) == (7, 11)  # the released setting
+    assert viz.scaled_tem_range(16) == (2, 3)
+    assert viz.scaled_tem_range(4) == (1, 1)
+    with pytest.raises(ValueError, match="no whole block"):
+        viz.scaled_tem_range(3)
+
+
+def test_mix_errors(tmp_path, capsys):
+    assert viz.main(["mix", "--out", str(tmp_path), "--length", "16", "--index", "999"]) == 2
+    assert "outside the 32 samples" in capsys.readouterr().err
+    assert viz.main(["mix", "--out", str(tmp_path), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+
+
+def write_metrics(path, knn=True, torn=True):
+    records = [{"kind": "step", "epoch": 1, "global_step": 1, "loss": 99.0}]
+    for e in range(1, 6):
+        records.append({"kind": "epoch", "epoch": e, "global_step": 10 * e, "loss": 10.0 - e, "loss_ins": 5.0 - e / 2,
+                        "loss_p": float("nan") if e == 1 else 2.5, "loss_c": 2.5, "lr": 0.1})
+        if knn and e % 2 == 0:
+            records.append({"kind": "knn", "epoch": e, "knn@10": 20.0 + e, "knn@20": 21.0 + e, "knn@40": 19.0 + e})
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path.write_text(text + ('{"kind": "epoch", "ep' if torn else ""))  # a run killed mid-write
+    return path
+
+
+def test_plot_curves(tmp_path):
+    written = viz.plot_curves(write_metrics(tmp_path / "metrics.jsonl"), tmp_path / "plots")
+    assert [p.name for p in written] == ["loss.png", "knn.png"]
+    for p in written:
+        with Image.open(p) as im:
+            assert im.width > 0 and im.height > 0
+    written = viz.plot_curves(write_metrics(tmp_path / "m2.jsonl", knn=False, torn=False), tmp_path / "p2")
+    assert [p.name for p in written] == ["loss.png"]
+    assert viz.main(["curves", str(tmp_path / "m2.jsonl"), "--out", str(tmp_path / "p3")]) == 0
+    assert (tmp_path / "p3" / "loss.png").is_file()
+    with pytest.raises(FileNotFoundError, match="metrics file not found"):
+        viz.plot_curves(tmp_path / "missing.jsonl", tmp_path)
+
+
+@pytest.mark.parametrize("num_classes", [3, 60])
+def test_plot_confusion_and_embedding(tmp_path, num_classes):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, num_classes, 200)
+    confusion = np.bincount(labels * num_classes + rng.integers(0, num_classes, 200),
+                            minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    classes = [f"class {i}" for i in range(num_classes)]
+    assert viz.plot_confusion(confusion, classes, tmp_path / "c.png").is_file()
+    feats = rng.normal(size=(200, 16)) + labels[:, None]
+    assert viz.plot_embedding(feats, labels, classes, tmp_path / "e.png").is_file()
+    with pytest.raises(ValueError, match="confusion must be"):
+        viz.plot_confusion(confusion[:2], classes, tmp_path / "bad.png")
+
+
+def test_pca_finds_the_direction_of_largest_variance():
+    rng = np.random.default_rng(0)
+    direction = np.array([3.0, 4.0, 0.0]) / 5
+    x = rng.normal(size=(500, 1)) * 10 * direction + rng.normal(size=(500, 3)) * 0.1 + 7
+    xy = viz.pca_2d(x)
+    assert xy.shape == (500, 2)
+    centred = x - x.mean(0)
+    assert abs(np.corrcoef(xy[:, 0], centred @ direction)[0, 1]) > 0.999
+    assert xy[:, 0].var() > 100 * xy[:, 1].var()

@@ -274,12 +274,12 @@ class Trainer:
         return "done"
 
     def linear_eval(self) -> dict:
-        """Linear accuracy (%) of the pretrained encoder_q and of the same architecture at random init (and,
-        for generated data, of a linear classifier on the raw flattened input, the floor).
+        """Linear accuracy (%) of the pretrained encoder_q and of the same architecture at random init.
 
-        Features are standardised with the training statistics before the linear classifier: at random init
-        the official weight init makes eval-mode features tiny (~1e-7), and an unscaled probe would only show
-        that, not what the features separate.
+        A fair random-init baseline needs two things the official protocol lacks: its BatchNorm statistics are
+        recomputed on the training data (at init they are 0/1 and, with the official weight init, shrink the
+        eval-mode features to ~1e-7), and all features are standardised with the training statistics before the
+        linear classifier, so the probe measures what the features separate rather than their scale.
         """
         c, t = self.config, self.config.train
         n_cls = self.train_set.num_classes
@@ -290,13 +290,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         random_init = make_encoder(c.model).to(self.device)
         random_init.apply(init_weights)
+        calibrate_batchnorm(random_init, self._loader(self.train_set, batch_size=128), self.device, c.data.view,
+                            c.model.layout)
         features = {}
         for name, encoder in (("pretrained", pretrained), ("random init", random_init)):
             features[name] = [extract_features(encoder, self._loader(ds, batch_size=128), self.device, c.data.view,
                                                c.model.layout) for ds in (self.train_set, self.val_set)]
-        if c.data.root == "synthetic":  # small enough to hold flattened in memory
-            features["raw input"] = [(torch.from_numpy(ds.data[ds.indices]).flatten(1), torch.from_numpy(ds.targets))
-                                     for ds in (self.train_set, self.val_set)]
         results = {}
         for name, ((f_train, y_train), (f_val, y_val)) in features.items():
             mean, std = f_train.mean(0), f_train.std(0) + 1e-12
@@ -304,6 +303,21 @@ class Trainer:
                                          epochs=t.linear_epochs, lr=0.1, milestones=(int(0.8 * t.linear_epochs),),
                                          seed=t.seed)
         return results
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder, loader, device, view: str, layout: str):
+    """Recompute every BatchNorm's running statistics as the plain average over ``loader`` (no weight changes)."""
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    encoder.train()
+    for x, _ in loader:
+        encoder.feature_map(to_view(x.to(device), view, layout))
+    for m in norms:
+        m.momentum = 0.1
+    encoder.eval()
 
 
 def _summary_writer(path: Path):

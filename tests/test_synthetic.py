@@ -37,3 +37,17 @@ def test_bad_arguments_are_named():
         make_synthetic(10, num_classes=12)
     with pytest.raises(ValueError, match="num_samples"):
         make_synthetic(0)
+
+
+def test_synth_command_writes_a_prepared_dataset(tmp_path):
+    from skelemix.data import PreparedDataset
+    from skelemix.data.__main__ import main
+
+    assert main(["synth", "--out", str(tmp_path), "--train", "11", "--val", "5", "--frames", "16"]) == 0
+    train, val = PreparedDataset(tmp_path, "train"), PreparedDataset(tmp_path, "val")
+    assert len(train) == 11 and len(val) == 5 and train.num_classes == len(CLASSES)
+    x, y = train[3]
+    assert tuple(x.shape) == (3, 16, 25, 2) and 0 <= y < len(CLASSES)
+    assert (tmp_path / "train_names.txt").read_text().count("\n") == 11
+    with pytest.raises(ValueError, match="split 'test' not found"):
+        PreparedDataset(tmp_path, "test")

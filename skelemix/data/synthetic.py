@@ -2,10 +2,17 @@
 
 Eleven articulated actions are animated by forward kinematics on the NTU 25-joint skeleton (joint rotations
 at the spine, neck, shoulders, elbows, hips and knees), two of them two-person interactions. Every sample
-varies the subject (overall size and per-segment bone lengths), the tempo, amplitude and phase of the
-motion, the side for one-sided actions, the camera (yaw, pitch) and the sensor noise. Each body is then
-centred on its own spine-shoulder joint per frame, as the NTU preprocessing does, so the arrays look like
-``(N, 3, T, 25, 2)`` prepared data and every code path runs on them unchanged.
+varies the subject (size, bone lengths), the resting posture, the tempo, amplitude and phase of the motion,
+the side for one-sided actions, the viewpoint (yaw, pitch), a sensor calibration shear and noise; some
+one-person samples carry a bystander. Joint angles move around their resting value with zero mean, so a
+class shows in how the body moves. Each body is then centred on its own spine-shoulder joint per frame, as
+the NTU preprocessing does, so the arrays look like ``(N, 3, T, 25, 2)`` prepared data.
+
+The per-sample nuisance is deliberately moderate: with large random resting postures, contrastive
+pretraining latches onto the posture (which identifies an instance but not its class) and learns little in
+a short CPU run. The price, measured on the demo's 32-frame data: a linear classifier on the standardised
+raw coordinates reaches 74% top-1 (the demo's pretrained encoder 71%, at random init 31%), because large
+joint rotations still shift a limb's mean position.
 """
 from __future__ import annotations
 
@@ -138,12 +145,12 @@ def _articulate(moves: list, T: int, rng) -> dict:
     rot = {}
     for side in ("left", "right"):
         sh, el, hip, kn = _LIMB[side]
-        rot[sh] = _flex([rng.uniform(-0.2, 1.0)])[0] @ _raise_side([rng.uniform(0, 1.0)], side)[0]
-        rot[el] = _flex([rng.uniform(0, 1.0)])[0]
-        rot[hip] = _flex([rng.uniform(-0.15, 0.35)])[0] @ _raise_side([rng.uniform(0, 0.25)], side)[0]
-        rot[kn] = _bend([rng.uniform(0, 0.4)])[0]
+        rot[sh] = _flex([rng.uniform(0.0, 0.3)])[0] @ _raise_side([rng.uniform(0.05, 0.25)], side)[0]
+        rot[el] = _flex([rng.uniform(0.1, 0.4)])[0]
+        rot[hip] = _flex([rng.uniform(-0.05, 0.1)])[0] @ _raise_side([rng.uniform(0, 0.1)], side)[0]
+        rot[kn] = _bend([rng.uniform(0, 0.15)])[0]
     for j in (1, 2):
-        rot[j] = _flex([rng.normal(0, 0.12)])[0] @ _rot("z", [rng.normal(0, 0.08)])[0]
+        rot[j] = _flex([rng.normal(0, 0.05)])[0] @ _rot("z", [rng.normal(0, 0.03)])[0]
     rot = {j: np.broadcast_to(r, (T, 3, 3)) for j, r in rot.items()}
     for joint, kind, angles in moves:
         angles = angles - angles.mean()
@@ -153,13 +160,15 @@ def _articulate(moves: list, T: int, rng) -> dict:
 
 
 def _subject(rng) -> dict:
-    size = rng.uniform(0.85, 1.15)
-    return {j: np.asarray(off, dtype=np.float64) * size * rng.uniform(0.93, 1.07) for j, (_, off) in _SKELETON.items()}
+    size = rng.uniform(0.95, 1.05)
+    return {j: np.asarray(off, dtype=np.float64) * size * rng.uniform(0.98, 1.02) for j, (_, off) in _SKELETON.items()}
 
 
 def _camera(rng) -> np.ndarray:
-    yaw, pitch = rng.uniform(-np.pi / 4, np.pi / 4), rng.uniform(-0.15, 0.15)
-    return _rot("x", [pitch])[0] @ _rot("y", [yaw])[0]
+    """Viewpoint (yaw, pitch) and an imperfect sensor calibration (a small random shear of the axes)."""
+    yaw, pitch = rng.uniform(-1.0, 1.0), rng.uniform(-0.2, 0.2)
+    skew = np.eye(3) + rng.uniform(-0.3, 0.3, (3, 3)) * (1 - np.eye(3))
+    return skew @ _rot("x", [pitch])[0] @ _rot("y", [yaw])[0]
 
 
 def _sample(action: str, frames: int, rng) -> np.ndarray:
@@ -180,7 +189,7 @@ def _sample(action: str, frames: int, rng) -> np.ndarray:
         placement = [(np.eye(3), np.array([0, 0, -gap / 2])), (_rot("y", [np.pi])[0], np.array([0, 0, gap / 2]))]
         # The partner's free hand is on the same side of the scene: facing each other mirrors sides.
         motions.append(_partner(action, phase, amp, side))
-    elif rng.random() < 0.4:  # a bystander, as in real recordings (NTU's A027 files carry a noise body)
+    elif rng.random() < 0.15:  # a bystander, as in real recordings (NTU's A027 files carry a noise body)
         placement.append((_rot("y", [rng.uniform(-np.pi, np.pi)])[0], np.array([rng.uniform(-1.5, 1.5), 0, 0.5])))
         motions.append(([], np.zeros((frames, 3))))
     for b, ((body_rot, offset), (r, tr)) in enumerate(zip(placement, motions)):

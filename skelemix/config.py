@@ -256,6 +256,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return build_config(load_yaml(path if path is not None else "demo.yaml"), overrides)
 
 
+def resolve_device(name: str):
+    """``auto`` -> cuda when available, else cpu; an explicit CUDA device must exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but no CUDA device is visible")
+    return device
+
+
 def make_encoder(model: ModelConfig, num_class: int | None = None, head: str = "linear", impl: str = "auto"):
     """The ST-GCN encoder a config describes (for evaluation: ``num_class`` classes behind a linear ``fc``)."""
     from .models import STGCN

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Subset
 from . import ops
 from .augment import VIEWS, pretrain_augment, to_view
 from .checkpoint import load_checkpoint, load_official, save_checkpoint
-from .config import Config, ConfigError, build_config, load_yaml, make_encoder
+from .config import Config, ConfigError, build_config, load_yaml, make_encoder, resolve_device
 from .models import VARIANTS, init_weights
 from .probe import balanced_subset, extract_features, knn_scores, topk_accuracy, train_linear
 
@@ -423,15 +423,6 @@ def ensemble(dirs: list[str | os.PathLike], out: str | os.PathLike | None = None
 
 
 # ------------------------------------------------------------------------------------------------ run
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -467,7 +458,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     pre = load_pretrained(args.checkpoint, args.config, args.set)
     config = with_data(pre.config, args.data, args.view)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     seed = config.train.seed if args.seed is None else args.seed
     if args.workers is not None:
         workers = args.workers

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from . import ops
 from .augment import pretrain_augment, to_view
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import Config, ConfigError, build_config, list_configs, load_config, make_encoder, make_pretrain_model
+from .config import (Config, ConfigError, list_configs, load_config, make_encoder, make_pretrain_model,
+                     resolve_device)
 from .data import load_splits
 from .models import init_weights
 from .probe import extract_features, knn_accuracy, train_linear
@@ -63,15 +64,6 @@ def _cli_overrides(args) -> list[str]:
              ("train.seed", args.seed), ("train.device", args.device), ("train.impl", args.impl),
              ("train.out", args.out)]
     return args.overrides + [f"{k}={v}" for k, v in pairs if v is not None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but no CUDA device is visible")
-    return device
 
 
 def lr_at(config: Config, epoch: int) -> float:

@@ -24,15 +24,6 @@ TINY_SET = ["--set", "model.hidden_channels=4", "--set", "model.hidden_dim=16", 
 NUM_CLASSES, VAL = 11, 12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine oversubscribed OpenMP
-    threads make them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):

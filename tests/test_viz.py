@@ -10,15 +10,6 @@ from skelemix import viz
 from skelemix.graph import NTU
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine oversubscribed OpenMP
-    threads make them ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_mix_writes_a_png_grid_and_a_gif(tmp_path, capsys):
     assert viz.main(["mix", "--out", str(tmp_path), "--length", "16", "--frames", "4", "--index", "2"]) == 0

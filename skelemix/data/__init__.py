@@ -1,39 +1,13 @@
 """Datasets: prepared skeleton arrays and the generated demo data."""
 from __future__ import annotations
 
-import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from .prepared import PreparedDataset, read_meta, write_meta, write_split
+from .prepared import ArrayDataset, PreparedDataset, read_meta, write_meta, write_split
 from .synthetic import CLASSES, make_synthetic, write_synthetic
 
 __all__ = ["ArrayDataset", "PreparedDataset", "load_splits", "make_synthetic", "read_meta", "write_meta",
            "write_split", "write_synthetic"]
-
-
-class ArrayDataset(Dataset):
-    """In-memory arrays with the interface of :class:`PreparedDataset` (``data``, ``labels``, ``targets``)."""
-
-    def __init__(self, data: np.ndarray, labels: np.ndarray, classes, indices=None):
-        self.data, self.labels = np.asarray(data, dtype=np.float32), np.asarray(labels, dtype=np.int64)
-        self.meta = {"classes": list(classes)}
-        self.indices = np.arange(len(self.data)) if indices is None else np.asarray(indices, dtype=np.int64)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.meta["classes"])
-
-    @property
-    def targets(self) -> np.ndarray:
-        return self.labels[self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        j = self.indices[i]
-        return torch.from_numpy(self.data[j]), int(self.labels[j])
 
 
 def load_splits(data_config) -> tuple[Dataset, Dataset]:

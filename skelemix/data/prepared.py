@@ -73,34 +73,15 @@ def read_meta(root: str | os.PathLike) -> dict:
     return meta
 
 
-class PreparedDataset(Dataset):
-    """One split of a prepared dataset; ``data`` is a read-only memory map unless ``mmap=False``.
+class ArrayDataset(Dataset):
+    """Skeleton arrays ``(N, C, T, V, M)`` with labels; ``dataset[i]`` is ``(float32 tensor (C, T, V, M), int
+    label)`` (augmentation happens later, batched on the device). ``indices`` restricts it to a subset (e.g.
+    the semi-supervised labelled part); ``classes`` names the labels."""
 
-    ``dataset[i]`` is ``(float32 tensor (C, T, V, M), int label)``; augmentation happens later, batched on the
-    device. ``indices`` restricts the split to a subset (e.g. the semi-supervised labelled part).
-    """
-
-    def __init__(self, root: str | os.PathLike, split: str, mmap: bool = True, indices=None):
-        self.root = Path(root)
-        self.meta = read_meta(self.root)
-        if split not in self.meta["splits"]:
-            raise ValueError(f"{self.root}: split {split!r} not found; available: {sorted(self.meta['splits'])}")
-        data_path, label_path = self.root / f"{split}_data.npy", self.root / f"{split}_label.npy"
-        self.data = np.load(data_path, mmap_mode="r" if mmap else None)
-        self.labels = np.load(label_path)
-        n = self.meta["splits"][split]
-        if self.data.ndim != 5 or self.data.dtype != np.float32 or len(self.data) != n:
-            raise ValueError(f"{data_path}: expected float32 (N={n}, C, T, V, M); got {self.data.dtype} "
-                             f"{self.data.shape}")
-        if self.labels.shape != (n,) or self.labels.dtype != np.int64:
-            raise ValueError(f"{label_path}: expected int64 ({n},); got {self.labels.dtype} {self.labels.shape}")
-        bad = (self.labels < 0) | (self.labels >= len(self.meta["classes"]))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{label_path}: label {self.labels[i]} of sample {i} is outside "
-                             f"[0, {len(self.meta['classes'])})")
-        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.split = split
+    def __init__(self, data: np.ndarray, labels: np.ndarray, classes, indices=None, meta: dict | None = None):
+        self.data, self.labels = data, np.asarray(labels, dtype=np.int64)
+        self.meta = meta or {"classes": list(classes)}
+        self.indices = np.arange(len(self.data)) if indices is None else np.asarray(indices, dtype=np.int64)
 
     @property
     def num_classes(self) -> int:
@@ -116,3 +97,27 @@ class PreparedDataset(Dataset):
     def __getitem__(self, i):
         j = self.indices[i]
         return torch.from_numpy(np.array(self.data[j], dtype=np.float32)), int(self.labels[j])
+
+
+class PreparedDataset(ArrayDataset):
+    """One split of a prepared dataset; ``data`` is a read-only memory map unless ``mmap=False``."""
+
+    def __init__(self, root: str | os.PathLike, split: str, mmap: bool = True, indices=None):
+        self.root = Path(root)
+        meta = read_meta(self.root)
+        if split not in meta["splits"]:
+            raise ValueError(f"{self.root}: split {split!r} not found; available: {sorted(meta['splits'])}")
+        data_path, label_path = self.root / f"{split}_data.npy", self.root / f"{split}_label.npy"
+        data = np.load(data_path, mmap_mode="r" if mmap else None)
+        labels = np.load(label_path)
+        n = meta["splits"][split]
+        if data.ndim != 5 or data.dtype != np.float32 or len(data) != n:
+            raise ValueError(f"{data_path}: expected float32 (N={n}, C, T, V, M); got {data.dtype} {data.shape}")
+        if labels.shape != (n,) or labels.dtype != np.int64:
+            raise ValueError(f"{label_path}: expected int64 ({n},); got {labels.dtype} {labels.shape}")
+        bad = (labels < 0) | (labels >= len(meta["classes"]))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{label_path}: label {labels[i]} of sample {i} is outside [0, {len(meta['classes'])})")
+        super().__init__(data, labels, meta["classes"], indices, meta)
+        self.split = split

@@ -94,3 +94,24 @@ def test_missing_implementation_is_reported(tmp_path, capsys):
     assert run(tmp_path, "--epochs", "1", "--impl", "triton") == 2
     err = capsys.readouterr().err
     assert "impl='triton' cannot run the model here" in err and "graph_conv has no impl='triton'" in err
+
+
+def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path, monkeypatch, capsys):
+    import signal
+
+    original = Trainer.train_step
+
+    def step_then_ctrl_c(self, x):
+        out = original(self, x)
+        if self.global_step == 2:  # this call is step 3: the user presses Ctrl-C during it
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    assert run(tmp_path / "run", "--epochs", "2") == 130
+    assert "interrupted at step 3" in capsys.readouterr().out  # the step in flight completes first
+    assert len(step_losses(tmp_path / "run")) == 3
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run(tmp_path / "run", "--epochs", "2", "--resume") == 0
+    assert run(tmp_path / "straight", "--epochs", "2") == 0
+    assert step_losses(tmp_path / "run") == step_losses(tmp_path / "straight")

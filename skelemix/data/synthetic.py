@@ -10,9 +10,10 @@ the NTU preprocessing does, so the arrays look like ``(N, 3, T, 25, 2)`` prepare
 
 The per-sample nuisance is deliberately moderate: with large random resting postures, contrastive
 pretraining latches onto the posture (which identifies an instance but not its class) and learns little in
-a short CPU run. The price, measured on the demo's 32-frame data: a linear classifier on the standardised
-raw coordinates reaches 74% top-1 (the demo's pretrained encoder 71%, at random init 31%), because large
-joint rotations still shift a limb's mean position.
+a short CPU run. Measured on the demo's 32-frame data (880 train / 440 val): a linear classifier on the standardised raw
+coordinates reaches 74% top-1, the demo's encoder trained with labels (40 epochs) 100%; the demo's
+self-supervised encoder 71% and the same encoder at random init 31% (linear probes). The raw-coordinate
+floor is that high because large joint rotations still shift a limb's mean position.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ from typing import Mapping
 
 import torch
 
+PRETRAIN_FORMAT = "skelemix-pretrain/1"  # the trainer's checkpoints: config, model, optimizer, position, RNG
+CLASSIFIER_FORMAT = "skelemix-classifier/1"  # evaluate's trained classifiers: config and encoder
+
 # (official key pattern, ours); applied after an optional encoder prefix. Everything else keeps its name.
 _OFFICIAL_TO_OURS = [
     (re.compile(r"^st_gcn_networks\.(\d+)\."), r"blocks.\1."),

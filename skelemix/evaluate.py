@@ -37,13 +37,11 @@ from torch.utils.data import DataLoader, Subset
 
 from . import ops
 from .augment import VIEWS, pretrain_augment, to_view
-from .checkpoint import load_checkpoint, load_official, save_checkpoint
+from .checkpoint import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_checkpoint, load_official, save_checkpoint
 from .config import Config, ConfigError, build_config, load_yaml, make_encoder, resolve_device
 from .models import VARIANTS, init_weights
 from .probe import balanced_subset, extract_features, knn_scores, topk_accuracy, train_linear
 
-PRETRAIN_FORMAT = "skelemix-pretrain/1"
-CLASSIFIER_FORMAT = "skelemix-classifier/1"  # written by this module next to the results
 MODES = ("linear", "knn", "finetune", "semi", "ensemble")
 PAPER = "best test top-1 over the periodic evaluations (model selection on the test set, as the paper reports)"
 CLEAN = "top-1 after the last epoch"

@@ -71,3 +71,14 @@ def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, rtol: flo
     raise AssertionError(
         f"{where}{int(bad.sum())} of {bad.numel()} elements differ (rtol={rtol}, atol={atol}, NaNs in actual: "
         f"{nan}, max abs diff {(a - e).abs().nan_to_num(float('inf')).max().item():.3g}); first:\n" + "\n".join(rows))
+
+
+def perturb_state(module: torch.nn.Module) -> None:
+    """Move every weight and BatchNorm statistic off its initial value, so a weight that is silently not
+    loaded (or loaded into the wrong place) changes the outputs."""
+    with torch.no_grad():
+        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+            if name.endswith("running_var"):
+                t.copy_(torch.rand_like(t) + 0.5)
+            elif t.is_floating_point() and not name.endswith(("A", "queue")):
+                t.add_(torch.randn_like(t) * 0.1)

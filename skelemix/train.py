@@ -28,14 +28,13 @@ from torch.utils.data import DataLoader
 
 from . import ops
 from .augment import pretrain_augment, to_view
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import PRETRAIN_FORMAT, load_checkpoint, save_checkpoint
 from .config import (Config, ConfigError, list_configs, load_config, make_encoder, make_pretrain_model,
                      resolve_device)
 from .data import load_splits
 from .models import init_weights
 from .probe import extract_features, knn_accuracy, train_linear
 
-CHECKPOINT_FORMAT = "skelemix-pretrain/1"
 
 
 def parse_args(argv=None):
@@ -96,7 +95,7 @@ class Trainer:
     def __init__(self, config: Config, progress: bool = True):
         self.config = config
         self.progress = progress
-        t, m = config.train, config.model
+        t = config.train
         self.device = resolve_device(t.device)
         ops.check_impl_available(t.impl, self.device)
         self.out = Path(t.out)
@@ -122,7 +121,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
+        return {"format": PRETRAIN_FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "rng": _rng_state(self.generator)}
 
@@ -131,8 +130,8 @@ class Trainer:
 
     def load(self, path: Path):
         ckpt = load_checkpoint(path, map_location=self.device)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a skelemix pretraining checkpoint (format {CHECKPOINT_FORMAT})")
+        if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_FORMAT:
+            raise ValueError(f"{path} is not a skelemix pretraining checkpoint (format {PRETRAIN_FORMAT})")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]

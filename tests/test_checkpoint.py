@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -7,16 +6,7 @@ import torch
 from official_stgcn import OfficialModel
 from skelemix.checkpoint import export_official, load_checkpoint, load_official, save_checkpoint
 from skelemix.models import STGCN, SkeleMixCLR
-
-
-def randomize(module):
-    """Move every weight and BN statistic away from its initial value so mapping mistakes show."""
-    with torch.no_grad():
-        for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-            if name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif t.is_floating_point() and not name.endswith(("A", "queue")):
-                t.add_(torch.randn_like(t) * 0.1)
+from skelemix.testing import perturb_state
 
 
 def small_encoder(**kw):
@@ -58,7 +48,7 @@ def test_official_encoder_weights_give_the_official_outputs(mlp):
     torch.manual_seed(0)
     ours = small_encoder(num_class=10, head="mlp" if mlp else "linear")
     official = OfficialModel(ours.A, hc=4, hd=16, num_class=10, mlp=mlp)
-    randomize(official)
+    perturb_state(official)
     sd = {"encoder_q." + k: v for k, v in official.state_dict().items()}
     ours.load_state_dict(load_official(sd))
     ours.eval(), official.eval()
@@ -79,7 +69,7 @@ def test_official_encoder_weights_give_the_official_outputs(mlp):
 def test_official_pretraining_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16), feature_dim=8, queue_size=32)
-    randomize(model)
+    perturb_state(model)
     official_keys = set()
     for prefix in ("encoder_q.", "encoder_k."):
         ref = OfficialModel(model.encoder_q.A, hc=4, hd=16, num_class=8, mlp=True)

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from skelemix import evaluate
-from skelemix.checkpoint import export_official, load_checkpoint, save_checkpoint
+from skelemix.checkpoint import PRETRAIN_FORMAT, export_official, load_checkpoint, save_checkpoint
 from skelemix.config import build_config, make_pretrain_model
 from skelemix.data import load_splits
 from skelemix.probe import balanced_subset, knn_predict, knn_scores, topk_accuracy, train_linear
+from skelemix.testing import perturb_state
 
 TINY = {
     "data": {"root": "synthetic", "synthetic_train": 24, "synthetic_val": 12, "frames": 16},
@@ -34,13 +35,8 @@ def ckpt(tmp_path_factory):
     config = build_config(TINY)
     torch.manual_seed(0)
     model = make_pretrain_model(config)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
-            elif t.is_floating_point() and not name.endswith(("A", "queue")):
-                t.add_(torch.randn_like(t) * 0.1)
-    path = save_checkpoint({"format": evaluate.PRETRAIN_FORMAT, "config": config.to_dict(),
+    perturb_state(model)
+    path = save_checkpoint({"format": PRETRAIN_FORMAT, "config": config.to_dict(),
                             "model": model.state_dict(), "epoch": 7}, root / "run" / "checkpoints" / "last.pt")
     official = save_checkpoint(export_official(model), root / "official" / "epoch300_model.pt")
     return {"path": path, "official": official, "model": model, "root": root}

@@ -24,6 +24,10 @@ void check_groups(int64_t B, int64_t G, const char* op) {
 }
 }  // namespace
 
+at::Tensor mask_true_counts(const at::Tensor& mask) {
+  return mask.reshape({mask.size(0), -1}).sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kLong);
+}
+
 void check_mask_pool_args(const at::Tensor& x, const at::Tensor& mask) {
   check_dim(x, kOp, "x", 4, "(B, C, T, V)");
   check_floating(x, kOp, "x");

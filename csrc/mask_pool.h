@@ -9,4 +9,7 @@ namespace skelemix {
 void check_mask_pool_args(const at::Tensor& x, const at::Tensor& mask);
 void check_mask_pool_backward_args(const at::Tensor& grad, const at::Tensor& mask);
 
+// True cells of every mask, (G,) int64 on the mask's device.
+at::Tensor mask_true_counts(const at::Tensor& mask);
+
 }  // namespace skelemix

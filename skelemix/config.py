@@ -130,11 +130,11 @@ def _sections():
     return [f.name for f in dataclasses.fields(Config)]
 
 
-def _merge(base: dict, update: dict, where: str) -> dict:
+def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, where)
+            out[key] = _merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -155,7 +155,7 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is not None:
-        raw = _merge(load_yaml(path.parent / base), raw, str(path))
+        raw = _merge(load_yaml(path.parent / base), raw)
     return raw
 
 

@@ -58,11 +58,6 @@ void mask_pool_backward_kernel_impl(const scalar_t* grad, const bool* mask, cons
   });
 }
 
-// True cells per mask, (G,) int64.
-at::Tensor true_counts(const at::Tensor& mask) {
-  return mask.reshape({mask.size(0), -1}).sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kLong);
-}
-
 at::Tensor mask_pool_forward_kernel(const at::Tensor& x_, const at::Tensor& mask_) {
   check_mask_pool_args(x_, mask_);
   TORCH_INTERNAL_ASSERT(x_.device().is_cpu());
@@ -70,7 +65,7 @@ at::Tensor mask_pool_forward_kernel(const at::Tensor& x_, const at::Tensor& mask
   // No cells: both regions are empty and pool to 0. No rows: nothing to compute.
   if (x_.numel() == 0) return at::zeros({B, 2, C}, x_.options());
   const at::Tensor x = x_.contiguous(), mask = mask_.contiguous();
-  const at::Tensor count = true_counts(mask);
+  const at::Tensor count = mask_true_counts(mask);
   at::Tensor out = at::empty({B, 2, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mask_pool_cpu", [&] {
     mask_pool_forward_kernel_impl<scalar_t>(x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
@@ -88,7 +83,7 @@ at::Tensor mask_pool_backward_kernel(const at::Tensor& grad_, const at::Tensor& 
   if (grad_x.numel() == 0) return grad_x;
   // Autograd often passes expanded (stride-0) grads.
   const at::Tensor grad = grad_.contiguous(), mask = mask_.contiguous();
-  const at::Tensor count = true_counts(mask);
+  const at::Tensor count = mask_true_counts(mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mask_pool_backward_cpu", [&] {
     mask_pool_backward_kernel_impl<scalar_t>(grad.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
                                              count.const_data_ptr<int64_t>(), grad_x.mutable_data_ptr<scalar_t>(),

@@ -59,10 +59,6 @@ __global__ void mask_pool_backward_kernel_impl(const scalar_t* __restrict__ grad
   }
 }
 
-at::Tensor true_counts(const at::Tensor& mask) {
-  return mask.reshape({mask.size(0), -1}).sum(at::IntArrayRef{1}, /*keepdim=*/false, at::kLong);
-}
-
 at::Tensor mask_pool_forward_kernel(const at::Tensor& x_, const at::Tensor& mask_) {
   check_mask_pool_args(x_, mask_);
   TORCH_INTERNAL_ASSERT(x_.device().is_cuda());
@@ -70,7 +66,7 @@ at::Tensor mask_pool_forward_kernel(const at::Tensor& x_, const at::Tensor& mask
   const int64_t B = x_.size(0), C = x_.size(1), cells = x_.size(2) * x_.size(3), G = mask_.size(0);
   if (x_.numel() == 0) return at::zeros({B, 2, C}, x_.options());
   const at::Tensor x = x_.contiguous(), mask = mask_.contiguous();
-  const at::Tensor count = true_counts(mask);
+  const at::Tensor count = mask_true_counts(mask);
   at::Tensor out = at::empty({B, 2, C}, x.options());
   const int64_t rows = B * C;
   const int threads = cuda::reduction_threads(cells);
@@ -95,7 +91,7 @@ at::Tensor mask_pool_backward_kernel(const at::Tensor& grad_, const at::Tensor& 
   if (grad_x.numel() == 0) return grad_x;
   // Autograd often passes expanded (stride-0) grads.
   const at::Tensor grad = grad_.contiguous(), mask = mask_.contiguous();
-  const at::Tensor count = true_counts(mask);
+  const at::Tensor count = mask_true_counts(mask);
   const int64_t n = grad_x.numel();
   constexpr int threads = 256;
   const unsigned int blocks = cuda::capped_blocks(n, threads);

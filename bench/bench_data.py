@@ -67,4 +67,4 @@ def test_epoch_of_views(benchmark, provider):
 
     measure(benchmark, epoch, group="data/epoch of two views", provider=provider,
             shapes={"samples": SAMPLES, "sample": list(SHAPE), "batch": BATCH},
-            bytes=2 * SAMPLES * int(np.prod(SHAPE)) * 4)
+            bytes=2 * SAMPLES * int(np.prod(SHAPE)) * 4, rounds=3, warmup=1)

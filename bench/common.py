@@ -9,8 +9,10 @@ Environment knobs (so that ``bench/device_check.sh`` and users need no extra pyt
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -67,8 +69,16 @@ def skip_unless_provider(provider: str, op: str | None = None) -> None:
     ok, why = _extension.available(provider)
     if not ok:
         pytest.skip(f"impl={provider} unavailable: {why}")
+    if op is None:  # a whole model: every fused op must have this impl
+        from skelemix import ops
+
+        try:
+            ops.check_impl_available(provider, DEVICE)
+        except RuntimeError as err:
+            pytest.skip(str(err))
+        return
     # The module, not the function of the same name that skelemix.ops exports.
-    if op is not None and provider not in importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS:
+    if provider not in importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS:
         pytest.skip(f"{op} has no impl={provider}")
 
 
@@ -77,8 +87,23 @@ def sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
+def json_path() -> Path:
+    return Path(os.environ.get("SKELEMIX_BENCH_JSON", ".benchmarks/skelemix-latest.json"))
+
+
+def save_results() -> Path:
+    """Write everything measured so far (after every case, so a run cut short still leaves its results)."""
+    path = json_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"environment": environment(), "results": RESULTS}, indent=1))
+    tmp.replace(path)
+    return path
+
+
 def measure(benchmark, fn: Callable[[], object], *, group: str, provider: str, shapes: dict,
-            dtype: torch.dtype = torch.float32, bytes: float = 0.0, flops: float = 0.0) -> float:
+            dtype: torch.dtype = torch.float32, bytes: float = 0.0, flops: float = 0.0,
+            rounds: int | None = None, warmup: int = WARMUP) -> float:
     """Time ``fn`` (device synchronised inside the timed call) and record the result; returns the median (s).
 
     ``bytes``/``flops``: the minimum traffic and arithmetic of one call, for GB/s and TFLOP/s.
@@ -87,16 +112,17 @@ def measure(benchmark, fn: Callable[[], object], *, group: str, provider: str, s
         fn()
         sync()
 
-    for _ in range(WARMUP):
+    for _ in range(warmup):
         timed()
     benchmark.group = group
     benchmark.extra_info.update(provider=provider, shapes=shapes, dtype=str(dtype).replace("torch.", ""),
                                 bytes=bytes, flops=flops, **environment())
-    benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
+    benchmark.pedantic(timed, rounds=rounds or ROUNDS, iterations=1)
     median = benchmark.stats.stats.median
     RESULTS.append({"group": group, "provider": provider, "median_s": median,
                     "min_s": benchmark.stats.stats.min, "shapes": shapes,
                     "dtype": str(dtype).replace("torch.", ""), "bytes": bytes, "flops": flops})
+    save_results()
     return median
 
 

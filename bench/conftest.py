@@ -2,10 +2,6 @@
 over the eager reference of the same run) and saves the results as JSON for ``python -m bench.report``."""
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -23,9 +19,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not common.RESULTS:
         return
     payload = {"environment": common.environment(), "results": common.RESULTS}
-    path = Path(os.environ.get("SKELEMIX_BENCH_JSON", ".benchmarks/skelemix-latest.json"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
+    path = common.save_results()
     terminalreporter.write_sep("=", "skelemix: speed-up over the eager reference (same run)")
     terminalreporter.write_line(format_tables(payload))
     terminalreporter.write_line(f"results saved to {path}; `python -m bench.report {path}` renders them")

@@ -32,6 +32,7 @@ class _Unpickler(pickle.Unpickler):
         self.source = source
 
     def find_class(self, module, name):
+        module = {"__builtin__": "builtins", "copy_reg": "copyreg"}.get(module, module)  # protocols 0-2
         if (module, name) in ALLOWED or (module == "numpy" and name.startswith("dtypes.")) \
                 or module in ("numpy.dtypes", "numpy._core.dtypes", "numpy.core.dtypes"):
             return super().find_class(module, name)

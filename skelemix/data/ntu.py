@@ -142,6 +142,12 @@ def read_skeleton(path: str | os.PathLike) -> Skeleton:
             if len(info) != 10:
                 raise DataFormatError(path, f"expected the 10-value info line of body {b + 1} in frame {f + 1}, "
                                       f"found {len(info)} values", i + 1)
+            for t in info[1:]:
+                try:
+                    float(t)
+                except ValueError:
+                    raise DataFormatError(path, f"non-numeric token {t.decode(errors='replace')!r} on the info line "
+                                          f"of body {b + 1} in frame {f + 1}", i + 1) from None
             joints = _count(lines, i + 1, path, f"the joint count of body {b + 1} in frame {f + 1}")
             if joints != NUM_JOINTS:
                 raise DataFormatError(path, f"wrong joint count: expected {NUM_JOINTS} joints, found {joints}", i + 2)

@@ -135,8 +135,8 @@ def _variant(lines, kind):
     raise AssertionError(kind)
 
 
-KINDS = ("truncated", "non-numeric", "non-numeric info", "joint count", "nan", "inf", "missing joint line", "short joint line", "empty",
-         "trailing garbage")
+KINDS = ("truncated", "non-numeric", "non-numeric info", "joint count", "nan", "inf", "missing joint line",
+         "short joint line", "empty", "trailing garbage")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -23,7 +23,8 @@ def _write_video(path, x, width=150):
 @pytest.fixture
 def pku(tmp_path):
     rng = np.random.default_rng(0)
-    skel, label = tmp_path / "PKUMMD" / "Data" / "PKU_Skeleton_Renew", tmp_path / "PKUMMD" / "Label" / "Train_Label_PKU_final"
+    skel = tmp_path / "PKUMMD" / "Data" / "PKU_Skeleton_Renew"
+    label = tmp_path / "PKUMMD" / "Label" / "Train_Label_PKU_final"
     skel.mkdir(parents=True)
     label.mkdir(parents=True)
     videos = {}

@@ -57,7 +57,8 @@ def test_rotation_official_quirks():
     np.testing.assert_allclose(out[:, 1, 8, 0], [np.cos(t2) + 0.5 * np.sin(t2), 0, np.sin(t2) - 0.5 * np.cos(t2)],
                                atol=1e-12)
     assert 1e-5 < abs(out[2, 0, 8, 0]) < 1e-3  # the epsilon's residual z
-    assert out[2, 1, 8, 0] == pytest.approx(-np.sin(2 * np.arctan(0.5)) * np.sqrt(1.25), abs=1e-3)  # turned the wrong way
+    # The second frame's z disagrees with the summed sign: it is turned the wrong way.
+    assert out[2, 1, 8, 0] == pytest.approx(-np.sin(2 * np.arctan(0.5)) * np.sqrt(1.25), abs=1e-3)
 
 
 def test_valid_window_fixed_and_official():

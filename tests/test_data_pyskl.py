@@ -61,7 +61,8 @@ class _Evil:
 
 def test_restricted_unpickler_loads_arrays_and_refuses_code(tmp_path):
     for protocol in range(6):
-        obj = {"a": np.arange(6.0).reshape(2, 3), "b": [np.float32(2), np.zeros(3, np.int64), b"x"], "c": (1, None, {2})}
+        obj = {"a": np.arange(6.0).reshape(2, 3), "b": [np.float32(2), np.zeros(3, np.int64), b"x"],
+               "c": (1, None, {2})}
         out = loads(pickle.dumps(obj, protocol=protocol))
         np.testing.assert_array_equal(out["a"], obj["a"])
         assert out["b"][0] == 2 and out["c"] == (1, None, {2})

@@ -106,7 +106,8 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
     if labels_file.is_file():
         _check_val_list(labels_file, [c for c in candidates if c.splits[None] == "val"], skip_bad)
     return build(out, dataset="nwucla", layout="nw-ucla", classes=CLASSES, frames=frames, joints=NUM_JOINTS,
-                 bodies=1, candidates=candidates, jobs=jobs, task=_task, options={"frames": frames, "official": official},
+                 bodies=1, candidates=candidates, jobs=jobs, task=_task,
+                 options={"frames": frames, "official": official},
                  skip_bad=skip_bad, workers=workers, progress=progress, force=force, skipped=bad)
 
 

@@ -60,8 +60,9 @@ class Report:
     reused: list = field(default_factory=list)  # benchmarks already prepared, left untouched
 
     def summary(self) -> str:
-        lines = [f"{self.out}: " + "; ".join(
-            f"{bm or 'splits'}: " + ", ".join(f"{s} {n}" for s, n in sizes.items()) for bm, sizes in self.sizes.items())]
+        parts = [f"{bm or 'splits'}: " + ", ".join(f"{s} {n}" for s, n in sizes.items())
+                 for bm, sizes in self.sizes.items()]
+        lines = [f"{self.out}: " + "; ".join(parts)]
         if self.ignored:
             lines.append(f"ignored (ignore list): {self.ignored}")
         if self.missing:
@@ -228,7 +229,7 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
         report.sizes[bm] = sizes
-    del samples, status
+    samples = status = None  # close the memory maps before removing the cache
     shutil.rmtree(work, ignore_errors=True)
     return report
 

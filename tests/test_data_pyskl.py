@@ -92,3 +92,19 @@ def test_malformed_annotations_are_named(tmp_path, edit, message):
     path.write_bytes(b"")
     with pytest.raises(DataFormatError, match="empty file"):
         read_pyskl(path)
+
+
+@pytest.mark.needs_data
+def test_pyskl_of_real_ntu_skeletons_matches_the_ntu_converter(shared_data, tmp_path):
+    from skelemix.data.ntu import prepare_ntu, read_xyz
+    files = sorted((shared_data / "ntu").glob("*.skeleton"))
+    names = [f.name[:-9] for f in files]
+    anns = [{"frame_dir": n, "label": int(n[-3:]) - 1, "keypoint": read_xyz(f).transpose(3, 1, 2, 0),
+             "total_frames": read_xyz(f).shape[1]} for n, f in zip(names, files)]
+    (tmp_path / "ntu.pkl").write_bytes(pickle.dumps({"split": {"xsub_train": names}, "annotations": anns}))
+    prepare_pyskl(tmp_path / "ntu.pkl", tmp_path / "pyskl", progress=False)
+    prepare_ntu(shared_data / "ntu", tmp_path / "ntu", workers=1, progress=False)
+    a, b = PreparedDataset(tmp_path / "pyskl" / "xsub", "train"), PreparedDataset(tmp_path / "ntu" / "xsub", "train")
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.meta["classes"] == b.meta["classes"]

@@ -98,6 +98,9 @@ def main(argv=None) -> int:
             n = export_pyskl(args.prepared, args.out)
             print(f"wrote {n} annotations to {args.out}")
             return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished samples are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     except (DataFormatError, UnsafePickleError, FileNotFoundError, FileExistsError) as err:
         hint = " (--skip-bad leaves such inputs out and lists them)" if isinstance(err, DataFormatError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)

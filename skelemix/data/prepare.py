@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -80,9 +81,11 @@ _TASK: Callable | None = None
 _OPTIONS: dict = {}
 
 
-def _init(task, options):
+def _init(task, options, worker=False):
     global _TASK, _OPTIONS
     _TASK, _OPTIONS = task, options
+    if worker:  # Ctrl-C is the main process's to handle: it saves the progress and stops the pool
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run(job: Job):
@@ -141,6 +144,8 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
         state_path.write_text(json.dumps(state))
     samples = open_memmap(work / "samples.npy", "r+")
     status = open_memmap(work / "status.npy", "r+")
+    if not skip_bad:  # inputs an earlier --skip-bad run left out are parsed again, so their errors surface
+        status[status == BAD] = PENDING
     errors_path = work / "errors.jsonl"
     errors = {}
     if errors_path.is_file():
@@ -161,7 +166,7 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
     try:
         if workers > 1 and len(pending) > 1:
             pool = get_context("fork" if os.name == "posix" else "spawn").Pool(
-                min(workers, len(pending)), initializer=_init, initargs=(task, options))
+                min(workers, len(pending)), initializer=_init, initargs=(task, options, True))
             results = pool.imap_unordered(_run, pending, chunksize=max(1, min(32, len(pending) // (4 * workers))))
         else:
             pool = None

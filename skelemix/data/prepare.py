@@ -110,6 +110,9 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
     converter already left out (reported with the others). Every benchmark gets the ``split_names`` (even
     if empty) and any other split its candidates name."""
     out = Path(out)
+    if not candidates:
+        raise FileNotFoundError(f"nothing to prepare into {out}: no sample is left ({ignored} on the ignore list, "
+                                f"{len(skipped or [])} skipped as bad)")
     benchmarks = list(dict.fromkeys(bm for c in candidates for bm in c.splits))
     finals = {bm: out if bm is None else out / bm for bm in benchmarks}
     settings = {"dataset": dataset, "frames": frames, "options": options}

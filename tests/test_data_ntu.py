@@ -206,7 +206,7 @@ def test_prepare_ntu60_and_ntu120(ntu_dir, tmp_path):
     xset = PreparedDataset(tmp_path / "ntu120" / "xset", "train")
     assert xset.num_classes == 120 and xset.labels.tolist() == [0, 105]
     (tmp_path / "all.txt").write_text("".join(f"{p.name}\n" for p in raw.iterdir()))
-    with pytest.raises(FileNotFoundError, match="nothing to prepare .*10 on the ignore list")  # S018 is not NTU-60:
+    with pytest.raises(FileNotFoundError, match="nothing to prepare .*10 on the ignore list"):  # S018: not NTU-60
         prepare_ntu(raw, tmp_path / "none", ignore_list=tmp_path / "all.txt", progress=False)
 
 

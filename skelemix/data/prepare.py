@@ -128,8 +128,7 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
             report.reused.append(bm)
             report.sizes[bm] = meta["splits"]
         else:
-            if final.exists() and not meta_path.is_file() and any(p.name != bm and not p.name.startswith(".")
-                                                                  for p in final.iterdir() if p.name not in benchmarks):
+            if final.exists() and not meta_path.is_file() and any(final.iterdir()):
                 raise FileExistsError(f"{final} exists and is not a prepared dataset; choose another --out")
             todo.append(bm)
     if not todo:

@@ -2,7 +2,7 @@
 
 The C++ op ``torch.ops.skelemix.skelemix_gather`` (schema in csrc/skelemix_gather.cpp, kernels in csrc/cpu and
 csrc/cuda) gets its fake kernel here. It is forward only: the mixing runs under ``no_grad`` on augmented
-views, so no autograd is registered (a backward through the C++ op raises torch's "not implemented" error).
+views, so its registered backward raises a clear error (``impl="eager"`` stays differentiable).
 
 Checks: shapes, dtypes and devices are checked by the wrapper, the fake kernel and the C++ kernels with the
 same messages. The values (partner in ``[0, N)``, spans in ``[0, ceil(T / block)]``) are data, so the fake
@@ -125,6 +125,16 @@ def _register() -> None:
         mixed = x.new_empty((R * N, C, T, V, M))
         mask = joints.new_empty((R, N, (T + block - 1) // block, V))
         return mixed, mask
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, grad_mixed, grad_mask):
+        # Without a registration torch would warn and silently return no gradient for x.
+        raise RuntimeError("skelemix::skelemix_gather has no backward (SkeleMix mixes views under no_grad); detach x, "
+                           "or use impl='eager' to differentiate through the mixing")
+
+    torch.library.register_autograd("skelemix::skelemix_gather", backward, setup_context=setup_context)
 
 
 if _extension.HAS_CPP:

@@ -68,6 +68,20 @@ def test_forward_matches_reference(device, dtype):
         check_against_reference(args, impl, name)
 
 
+@needs_cpp
+def test_cpu_threads_split_the_rows():
+    """Large enough for at::parallel_for to split the (r, n, c) rows between threads (64k elements a task)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(8, 3, 32, 25, 2)
+        partner = torch.randint(0, 8, (3, 8))
+        joints, span = torch.rand(3, 8, 25) < 0.5, torch.tensor([2, 6]).repeat(3, 8, 1)
+        check_against_reference((x, partner, joints, span, 4), "cpp", "two threads")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_copies_bits_exactly(device):
     """NaN payloads, -0 and infinities pass through unchanged: the kernels move raw bits."""

@@ -28,7 +28,13 @@ void skelemix_gather_kernel_impl(const elem_t* x, const int64_t* partner, const 
                                  elem_t* out, int64_t R, int64_t N, int64_t C, int64_t T, int64_t VM, int64_t G,
                                  int64_t block) {
   const int64_t row_len = T * VM;  // one (n, c) sequence: contiguous in x and in out
+  // The pasted frames [t0, t1) are contiguous too, and their select pattern repeats every VM elements: blend
+  // them in chunks of `tile_frames` frames against a pattern tiled that many times, so the inner loop runs
+  // over hundreds of elements instead of restarting every V*M (1.2-1.3x faster at the paper shape here).
+  const int64_t tile_frames = std::max<int64_t>(1, 512 / std::max<int64_t>(VM, 1));
   at::parallel_for(0, R * N * C, grain_rows(row_len), [&](int64_t begin, int64_t end) {
+    std::vector<elem_t> tile(tile_frames * VM);
+    int64_t tile_rg = -1;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = row % C, rn = row / C, n = rn % N, r = rn / N, rg = r * G + (G == 1 ? 0 : n);
       const elem_t* own = x + (n * C + c) * row_len;
@@ -37,12 +43,19 @@ void skelemix_gather_kernel_impl(const elem_t* x, const int64_t* partner, const 
       // Frames [t0, t1) hold the region; span was checked to lie in [0, ceil(T / block)].
       const int64_t t0 = std::min(span[2 * rg] * block, T), t1 = std::max(t0, std::min(span[2 * rg + 1] * block, T));
       std::memcpy(dst, own, t0 * VM * sizeof(elem_t));
-      const elem_t* sel = select + rg * VM;
-      for (int64_t t = t0; t < t1; ++t) {
+      if (t1 > t0 && rg != tile_rg) {
+        for (int64_t k = 0; k < tile_frames; ++k) {
+          std::memcpy(tile.data() + k * VM, select + rg * VM, VM * sizeof(elem_t));
+        }
+        tile_rg = rg;
+      }
+      const elem_t* sel = tile.data();
+      for (int64_t t = t0; t < t1; t += tile_frames) {
+        const int64_t len = std::min(tile_frames, t1 - t) * VM;
         const elem_t* o = own + t * VM;
         const elem_t* s = src + t * VM;
         elem_t* d = dst + t * VM;
-        for (int64_t j = 0; j < VM; ++j) d[j] = (s[j] & sel[j]) | (o[j] & ~sel[j]);  // branch-free: vectorises
+        for (int64_t j = 0; j < len; ++j) d[j] = (s[j] & sel[j]) | (o[j] & ~sel[j]);  // branch-free: vectorises
       }
       std::memcpy(dst + t1 * VM, own + t1 * VM, (T - t1) * VM * sizeof(elem_t));
     }

@@ -3,7 +3,8 @@
 The defaults are the official ones: one region and one cyclic partner shift shared by the whole batch.
 ``per_sample=True`` draws a region per sample and ``partner="derangement"`` a random fixed-point-free
 permutation. All randomness comes from one torch generator (the global one unless given), drawn on the
-CPU, so a seed reproduces the same regions on every device.
+CPU, so a seed reproduces the same regions on every device. ``SkeleMix.batches`` builds several mixed copies
+of a batch with one :func:`skelemix.ops.skelemix_gather` launch.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ PARTNERS = ("shift", "derangement")
 
 @dataclass
 class MixedBatch:
-    x: torch.Tensor  # (N, C, T, V, M) mixed sequences
+    x: torch.Tensor  # (N, C, T, V, M) mixed sequences (with mode="swap", a view of all repeats' batch)
     mask: torch.Tensor  # (G, T // block, V) bool at feature resolution; True = pasted ("trimmed" view)
     partner: torch.Tensor | None  # (N,) int64 source of the pasted fragment; None for zeros/gaussian
 
@@ -86,8 +87,9 @@ class SkeleMix:
             if not (perm == idx).any():
                 return perm
 
-    def sample_mask(self, groups: int, blocks: int, generator=None) -> torch.Tensor:
-        """``(groups, blocks, V)`` bool region at block (= feature) resolution."""
+    def sample_region(self, groups: int, blocks: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``groups`` regions of a sequence of ``blocks`` blocks: ``joints (groups, V)`` bool and
+        ``span (groups, 2)`` int64 ``[start, end)`` in blocks. The region is joints x blocks."""
         lo, hi = self.tem_range
         if hi > blocks:
             raise ValueError(f"tem_range {self.tem_range} asks for up to {hi} blocks but the sequence has only "
@@ -105,26 +107,58 @@ class SkeleMix:
             joints = torch.zeros(groups, V, dtype=torch.bool).scatter(1, order, torch.arange(V)[None] < count[:, None])
         length = _randint(lo, hi, groups, generator)
         start = (torch.rand(groups, generator=generator) * (blocks - length + 1)).floor().long()
-        t = torch.arange(blocks)[None]
-        frames = (t >= start[:, None]) & (t < (start + length)[:, None])
-        return frames[:, :, None] & joints[:, None, :]
+        return joints, torch.stack((start, start + length), dim=1)
+
+    def sample_mask(self, groups: int, blocks: int, generator=None) -> torch.Tensor:
+        """``(groups, blocks, V)`` bool region at block (= feature) resolution (same draws as
+        :meth:`sample_region`)."""
+        joints, span = self.sample_region(groups, blocks, generator)
+        return block_mask(joints, span, blocks)
 
     def __call__(self, x: torch.Tensor, generator=None) -> MixedBatch:
         """Mix a batch ``(N, C, T, V, M)``; ``T`` must be a multiple of ``block``."""
+        return self.batches(x, 1, generator)[0]
+
+    def batches(self, x: torch.Tensor, repeats: int, generator=None) -> list[MixedBatch]:
+        """``repeats`` independently mixed copies of a batch ``(N, C, T, V, M)``, in one gather launch.
+
+        The random draws are those of ``repeats`` calls of ``self(x, generator)`` in a row (partner, then
+        region, per repeat), so the batches are identical to theirs. With ``mode="swap"`` each ``.x`` is a view
+        of one ``(repeats * N, C, T, V, M)`` tensor.
+        """
         if x.dim() != 5 or x.shape[3] != self.num_joints:
             raise ValueError(f"x must have shape (N, C, T, {self.num_joints}, M); got {tuple(x.shape)}")
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1; got {repeats}")
         N, _, T, _, _ = x.shape
         if T % self.block:
             raise ValueError(f"the sequence length T={T} must be a multiple of the encoder's temporal stride "
                              f"{self.block}, so the mixed region maps onto whole feature cells")
-        partner = self.sample_partner(N, generator) if self.mode == "swap" else None
-        mask = self.sample_mask(N if self.per_sample else 1, T // self.block, generator)
-        region = mask.repeat_interleave(self.block, dim=1).to(x.device)
+        groups, blocks = (N if self.per_sample else 1), T // self.block
+        if self.mode != "swap":
+            out = []
+            for _ in range(repeats):
+                mask = self.sample_mask(groups, blocks, generator)
+                region = mask.repeat_interleave(self.block, dim=1).to(x.device)
+                with torch.no_grad():
+                    fill = (torch.zeros_like(x) if self.mode == "zeros"
+                            else torch.randn(x.shape, generator=generator).to(x))
+                    out.append(MixedBatch(torch.where(region[:, None, :, :, None], fill, x), mask.to(x.device), None))
+            return out
+        draws = []
+        for _ in range(repeats):
+            partner = self.sample_partner(N, generator)
+            draws.append((partner, *self.sample_region(groups, blocks, generator)))
+        partner, joints, span = (torch.stack(d).to(x.device) for d in zip(*draws))
         with torch.no_grad():
-            if self.mode == "swap":
-                mixed = ops.skelemix_gather(x, partner.to(x.device), region, impl=self.impl)
-            else:
-                fill = (torch.zeros_like(x) if self.mode == "zeros"
-                        else torch.randn(x.shape, generator=generator).to(x))
-                mixed = torch.where(region[:, None, :, :, None], fill, x)
-        return MixedBatch(mixed, mask.to(x.device), None if partner is None else partner.to(x.device))
+            mixed, mask = ops.skelemix_gather(x, partner, joints, span, self.block, impl=self.impl)
+        # A shared region has identical rows for every sample: keep one, as the (1, T', V) mask pooling expects.
+        return [MixedBatch(mixed[r * N:(r + 1) * N], mask[r] if self.per_sample else mask[r, :1], partner[r])
+                for r in range(repeats)]
+
+
+def block_mask(joints: torch.Tensor, span: torch.Tensor, blocks: int) -> torch.Tensor:
+    """``(G, blocks, V)`` bool region from ``joints (G, V)`` and ``span (G, 2)`` ``[start, end)`` in blocks."""
+    b = torch.arange(blocks, device=span.device)[None]
+    frames = (b >= span[:, :1]) & (b < span[:, 1:])
+    return frames[:, :, None] & joints[:, None, :]

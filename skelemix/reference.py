@@ -55,16 +55,31 @@ def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return torch.einsum("nkctv,kvw->nctw", h.view(N, K, KC // K, T, V), A)
 
 
-def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """SkeleMix 'swap' mixing (REFERENCE.md 3 item 5).
+def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
+                    block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SkeleMix 'swap' mixing of ``R`` batches at once (REFERENCE.md 3 items 4-6).
 
     Args:
-        x: ``(N, C, T, V, M)`` batch of sequences.
-        partner: ``(N,)`` int64, the sample whose fragment is pasted into each sample.
-        region: ``(G, T, V)`` bool at frame resolution, ``G`` in ``{1, N}``; True cells are taken from the
-            partner (all channels, both bodies).
+        x: ``(N, C, T, V, M)`` batch of sequences (any dtype; the op is a copy). ``T`` need not be a multiple
+            of ``block``: the last block is then partial.
+        partner: ``(R, N)`` int64 in ``[0, N)``; mix ``r`` pastes a fragment of ``x[partner[r, n]]`` into ``x[n]``.
+        joints: ``(R, G, V)`` bool, ``G`` in ``{1, N}``: the pasted joints of mix ``r``, shared by the batch
+            (``G == 1``, the official case) or per sample (``G == N``, sample ``n`` uses group ``n``).
+        span: ``(R, G, 2)`` int64 ``[start, end)`` in blocks, ``0 <= start <= end <= ceil(T / block)``.
+        block: frames per block (the encoder's temporal stride); frame ``t`` lies in block ``t // block``.
 
     Returns:
-        ``(N, C, T, V, M)``: ``x[partner]`` inside the region, ``x`` elsewhere.
+        ``mixed``: ``(R * N, C, T, V, M)``; ``mixed[r * N + n, :, t, v]`` is ``x[partner[r, n], :, t, v]`` when
+        ``joints[r, g, v]`` and ``start <= t // block < end`` (all channels, all bodies), else ``x[n, :, t, v]``.
+        ``mask``: ``(R, N, ceil(T / block), V)`` bool, the region at block (feature) resolution: True =
+        pasted (the "trimmed" view).
     """
-    return torch.where(region[:, None, :, :, None], x[partner], x)
+    N, _, T, V, _ = x.shape
+    R, G = joints.shape[:2]
+    blocks = -(-T // block)
+    b = torch.arange(blocks, device=x.device)
+    frames = (b >= span[..., :1]) & (b < span[..., 1:])  # (R, G, Tb)
+    mask = (frames[..., None] & joints[:, :, None, :]).expand(R, N, blocks, V).contiguous()
+    region = mask.repeat_interleave(block, dim=2)[:, :, :T]  # (R, N, T, V) at frame resolution
+    mixed = torch.where(region[:, :, None, :, :, None], x[partner], x[None])
+    return mixed.reshape(R * N, *x.shape[1:]), mask

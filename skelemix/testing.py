@@ -82,3 +82,44 @@ def perturb_state(module: torch.nn.Module) -> None:
                 t.copy_(torch.rand_like(t) + 0.5)
             elif t.is_floating_point() and not name.endswith(("A", "queue")):
                 t.add_(torch.randn_like(t) * 0.1)
+
+
+def sample_inputs_skelemix_gather(device="cpu", dtype=torch.float32) -> list[Sample]:
+    """Varied ``(x, partner, joints, span, block)`` cases for :func:`skelemix.ops.skelemix_gather`, freshly drawn
+    from the global RNG. Partners may be the sample itself (the op allows it); spans include empty ones
+    (``start == end``), whole ones and ones ending in a partial last block."""
+    device = torch.device(device)
+
+    def case(N, C, T, V, M, R, G, block, empty=False, full=False):
+        blocks = -(-T // block)
+        x = torch.randn(N, C, T, V, M, device=device, dtype=dtype)
+        partner = torch.randint(0, max(N, 1), (R, N), device=device)
+        if full:
+            joints = torch.ones(R, G, V, dtype=torch.bool, device=device)
+            span = torch.tensor([0, blocks], device=device).repeat(R, G, 1)
+        else:
+            joints = torch.rand(R, G, V, device=device) < 0.5
+            start = torch.randint(0, blocks + 1, (R, G), device=device)
+            end = start if empty else start + (torch.rand(R, G, device=device) * (blocks - start + 1)).long()
+            span = torch.stack((start, end), dim=-1)
+        return x, partner, joints, span, block
+
+    # Non-contiguous: x from an (N, T, V, M, C) buffer, partner from (N, R), joints from (R, V, G), span from
+    # (R, 2, G).
+    x_nc, p_nc, j_nc, s_nc, _ = case(4, 3, 9, 25, 2, 2, 4, 2)
+    non_contiguous = (x_nc.permute(0, 2, 3, 4, 1).contiguous().permute(0, 4, 1, 2, 3), p_nc.T.contiguous().T,
+                      j_nc.transpose(1, 2).contiguous().transpose(1, 2),
+                      s_nc.transpose(1, 2).contiguous().transpose(1, 2), 2)
+    return [
+        Sample("official_shared_region", case(4, 3, 16, 25, 2, 1, 1, 4)),
+        Sample("t_not_multiple_of_block_v20_m1", case(3, 3, 10, 20, 1, 3, 1, 4)),
+        Sample("per_sample_regions", case(5, 2, 9, 25, 2, 3, 5, 2)),
+        Sample("wide_channels_short_t", case(2, 256, 3, 25, 2, 2, 2, 4)),
+        Sample("block_1_v20_m2", case(3, 3, 7, 20, 2, 2, 1, 1)),
+        Sample("empty_spans", case(3, 3, 8, 25, 1, 3, 3, 4, empty=True)),
+        Sample("whole_sequence", case(3, 2, 11, 20, 2, 2, 1, 4, full=True)),
+        Sample("non_contiguous", non_contiguous),
+        Sample("one_sample", case(1, 3, 5, 25, 2, 3, 1, 4)),
+        Sample("empty_batch", case(0, 3, 8, 25, 2, 2, 1, 4)),
+        Sample("no_mixes", case(3, 3, 8, 25, 2, 0, 1, 4)),
+    ]

@@ -232,13 +232,12 @@ def mix_example(x: torch.Tensor, partner_x: torch.Tensor, seed: int = 0, layout:
     g = torch.Generator().manual_seed(seed)
     batch = torch.stack([x, partner_x]).float()
     partner = mixer.sample_partner(2, g)  # of a pair: each is the other's partner
-    mask = mixer.sample_mask(1, T // block, g)  # (1, T/block, V)
-    region = mask.repeat_interleave(block, dim=1)
-    mixed = skelemix_gather(batch, partner, region)[0]
-    blocks = mask[0].any(1).nonzero().flatten()
-    joints = mask[0].any(0)
+    joints, span = mixer.sample_region(1, T // block, g)  # (1, V), (1, 2) in blocks
+    mixed = skelemix_gather(batch, partner[None], joints[None], span[None], block)[0][0]
+    start, end = span[0].tolist()
+    joints = joints[0]
     parts = [name for name, part in zip(layout.part_names, layout.body_parts) if joints[list(part)].all()]
-    return {"mixed": mixed, "joints": joints.numpy(), "window": (int(blocks[0]) * block, (int(blocks[-1]) + 1) * block),
+    return {"mixed": mixed, "joints": joints.numpy(), "window": (start * block, end * block),
             "parts": parts, "tem_range": tuple(tem_range)}
 
 

@@ -28,6 +28,10 @@ g = torch.randn(6, 2, 4, dtype=torch.float64)
 xr = x.clone().requires_grad_()
 reference.mask_pool(xr, m).backward(g)
 torch.testing.assert_close(torch.ops.skelemix._mask_pool_backward(g, m), xr.grad)
+x5, p, j = torch.randn(4, 3, 10, 5, 2), torch.randint(0, 4, (2, 4)), torch.rand(2, 1, 5) < 0.5
+s = torch.tensor([[[0, 2]], [[1, 3]]])
+for a, b in zip(torch.ops.skelemix.skelemix_gather(x5, p, j, s, 4), reference.skelemix_gather(x5, p, j, s, 4)):
+    assert torch.equal(a, b)
 print("ok")
 """
 

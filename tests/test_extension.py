@@ -44,7 +44,7 @@ def test_build_info_is_sane():
 @pytest.mark.skipif(not _extension.HAS_CPP, reason="C++ ops not loaded")
 def test_registered_dispatch_keys():
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
-    for op in ("skelemix::mask_pool", "skelemix::_mask_pool_backward"):
+    for op in ("skelemix::mask_pool", "skelemix::_mask_pool_backward", "skelemix::skelemix_gather"):
         assert has_kernel(op, "CPU")
         # A CPU-only build must register no CUDA kernel (and a CUDA build must).
         assert has_kernel(op, "CUDA") == _extension.HAS_CUDA_KERNELS

@@ -39,7 +39,9 @@ def test_mixed_batch_is_the_partner_inside_the_region():
     assert not (mb.partner == torch.arange(5)).any()
     expected = torch.where(region[None, None, :, :, None], x[mb.partner], x)
     assert torch.equal(mb.x, expected)
-    assert torch.equal(mb.x, reference.skelemix_gather(x, mb.partner, region[None]))
+    joints, span = mb.mask[0].any(0), mb.mask[0].any(1).nonzero()[[0, -1], 0] + torch.tensor([0, 1])
+    mixed, mask = reference.skelemix_gather(x, mb.partner[None], joints[None, None], span[None, None], 4)
+    assert torch.equal(mb.x, mixed) and torch.equal(mask[0, :1], mb.mask)
     # Cells outside the region are untouched, inside they differ (random data).
     assert torch.equal(mb.x[:, :, ~region], x[:, :, ~region])
     assert not torch.equal(mb.x[:, :, region], x[:, :, region])
@@ -99,3 +101,74 @@ def test_block_follows_the_encoder_stride_and_errors_are_named():
         make(spa_range=(0, 2))
     mb = make(block=2, tem_range=(1, 3))(torch.randn(3, 3, 10, 25, 1))
     assert mb.mask.shape == (1, 5, 25)
+
+
+def former_call(mixer, x, generator):
+    """SkeleMix.__call__ as it was before the batched gather: one draw and one torch.where per mixed batch."""
+    N, T = x.shape[0], x.shape[2]
+    partner = mixer.sample_partner(N, generator)
+    mask = mixer.sample_mask(N if mixer.per_sample else 1, T // mixer.block, generator)
+    region = mask.repeat_interleave(mixer.block, dim=1)
+    return torch.where(region[:, None, :, :, None], x[partner], x), mask, partner
+
+
+@pytest.mark.parametrize("impl", ["eager", "auto"])  # auto = the C++ kernel when it is built
+@pytest.mark.parametrize("kw", [{}, dict(per_sample=True, spatial_mode="random", partner="derangement")],
+                         ids=["official", "per_sample"])
+def test_batches_are_the_former_calls_in_a_row(kw, impl):
+    """R mixed batches from one gather launch equal R former calls drawn from the same seed."""
+    mixer = make(impl=impl, **kw)
+    x = torch.randn(6, 3, 64, 25, 2)
+    g_new, g = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    new = mixer.batches(x, 3, g_new)
+    assert len(new) == 3
+    for mb in new:
+        mixed, mask, partner = former_call(mixer, x, g)
+        assert torch.equal(mb.x, mixed) and torch.equal(mb.mask, mask) and torch.equal(mb.partner, partner)
+    assert torch.equal(g_new.get_state(), g.get_state())  # the same number of draws: later draws agree too
+    base = new[0].x._base  # every batch is a view of one (3 * N, ...) tensor
+    assert base is not None and all(mb.x._base is base for mb in new)
+
+
+def test_batches_with_fill_modes_match_single_calls():
+    x = torch.randn(4, 3, 32, 25, 2)
+    mixer = make(mode="gaussian", tem_range=(2, 4))
+    many = mixer.batches(x, 2, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    for mb in many:
+        one = mixer(x, g)
+        assert mb.partner is None and torch.equal(mb.x, one.x) and torch.equal(mb.mask, one.mask)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        mixer.batches(x, 0)
+
+
+def test_skelemixclr_step_is_unchanged_by_the_batched_gather():
+    """A SkeleMixCLR+ step (3 repeats of a view, one gather launch) gives the loss and gradients of the former
+    per-repeat mixing, for the same seed and batch."""
+    import copy
+
+    from skelemix.models import SkeleMixCLR
+
+    torch.manual_seed(0)
+    model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16), feature_dim=8, queue_size=64,
+                        swap_params=((2, 3, 7, 11, 3, 1.0),))
+    former = copy.deepcopy(model)
+    for mixer in former.mixers:
+        def per_repeat(x, repeats, generator=None, mixer=mixer):
+            from skelemix.mix import MixedBatch
+            return [MixedBatch(*former_call(mixer, x, generator)) for _ in range(repeats)]
+        mixer.batches = per_repeat
+    q, k = torch.randn(4, 3, 64, 25, 2), torch.randn(4, 3, 64, 25, 2)
+    results = []
+    for m in (model, former):
+        torch.manual_seed(1)  # dropout draws from the global RNG
+        out = m(q, k, torch.Generator().manual_seed(11))
+        out["loss"].backward()
+        results.append((out, [p.grad for p in m.encoder_q.parameters()]))
+    (new, new_grads), (old, old_grads) = results
+    for key in ("loss", "loss_ins", "loss_p", "loss_c", "acc_ins"):
+        assert torch.equal(new[key], old[key]), key
+    assert all(torch.equal(a, b) for a, b in zip(new_grads, old_grads))
+    assert torch.equal(model.queue, former.queue)
+    torch.manual_seed(1)  # the mixing matters: other regions and partners give another loss
+    assert not torch.equal(model(q, k, torch.Generator().manual_seed(12))["loss_p"], new["loss_p"])

@@ -144,8 +144,10 @@ class SkeleMixCLR(nn.Module):
             raise ValueError(f"got {len(queries)} query views but swap_params has {len(self.swap_params)} rows")
         weights = [float(row[5]) for row in self.swap_params] or [1.0] * len(queries)
 
-        # Draw every mixed batch first (the official order of random draws), then run the encoders.
-        mixed = [[mixer(q, generator) for _ in range(int(row[4]))]
+        # Draw every mixed batch first (the official order of random draws), then run the encoders. The repeats
+        # of a view come from one gather launch; each is still encoded on its own (BatchNorm statistics are
+        # per batch of N).
+        mixed = [mixer.batches(q, int(row[4]), generator)
                  for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
         q_feats = [F.normalize(self.encoder_q(q), dim=1) for q in queries]
         pc_feats = [[tuple(F.normalize(f, dim=1) for f in self.encoder_q(mb.x, mb.mask)) for mb in view]

@@ -1,14 +1,141 @@
-"""Batched SkeleMix gather (paste partner fragments). Only the eager reference exists so far."""
+"""Batched SkeleMix gather: ``skelemix.ops.skelemix_gather(x, partner, joints, span, block, impl="auto")``.
+
+The C++ op ``torch.ops.skelemix.skelemix_gather`` (schema in csrc/skelemix_gather.cpp, kernels in csrc/cpu and
+csrc/cuda) gets its fake kernel here. It is forward only: the mixing runs under ``no_grad`` on augmented
+views, so its registered backward raises a clear error (``impl="eager"`` stays differentiable).
+
+Checks: shapes, dtypes and devices are checked by the wrapper, the fake kernel and the C++ kernels with the
+same messages. The values (partner in ``[0, N)``, spans in ``[0, ceil(T / block)]``) are data, so the fake
+kernel cannot see them: the C++ kernels check them on the host before touching x (on CUDA this is one small
+device-to-host copy of partner and span, a sync); for ``impl="eager"`` the wrapper checks them the same way,
+except while being traced by ``torch.compile``.
+"""
 from __future__ import annotations
+
+from typing import Callable, Iterator, Tuple
 
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from ._impl import select
 
-_IMPLEMENTATIONS = {"eager": reference.skelemix_gather}
+# (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
+# exception; the fake kernel feeds torch._check. Messages match csrc/skelemix_gather.cpp.
+_Check = Tuple[object, type, Callable[[], str]]
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, region: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """See :func:`skelemix.reference.skelemix_gather` for shapes and semantics."""
-    return select("skelemix_gather", impl, x.device, _IMPLEMENTATIONS)(x, partner, region)
+def _checks(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
+            block: int) -> Iterator[_Check]:
+    yield x.dim() == 5, ValueError, lambda: f"x must be 5-D (N, C, T, V, M); got shape {list(x.shape)}"
+    yield x.dtype in _FLOATING, TypeError, lambda: (
+        f"x must be floating point (float32, float64, float16 or bfloat16); got {x.dtype}")
+    yield partner.dim() == 2, ValueError, lambda: f"partner must be 2-D (R, N); got shape {list(partner.shape)}"
+    yield partner.dtype == torch.int64, TypeError, lambda: f"partner must be an int64 tensor; got {partner.dtype}"
+    yield joints.dim() == 3, ValueError, lambda: f"joints must be 3-D (R, G, V); got shape {list(joints.shape)}"
+    yield joints.dtype == torch.bool, TypeError, lambda: f"joints must be a bool tensor; got {joints.dtype}"
+    yield span.dim() == 3, ValueError, lambda: f"span must be 3-D (R, G, 2); got shape {list(span.shape)}"
+    yield span.dtype == torch.int64, TypeError, lambda: f"span must be an int64 tensor; got {span.dtype}"
+    for name, t in (("partner", partner), ("joints", joints), ("span", span)):
+        yield x.device == t.device, ValueError, lambda name=name, t=t: (
+            f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
+    N, V, R, G = x.shape[0], x.shape[3], partner.shape[0], joints.shape[1]
+    yield partner.shape[1] == N, ValueError, lambda: (
+        f"partner must have shape (R, N) with N={N} (the batch size of x); got shape {list(partner.shape)}")
+    yield joints.shape[0] == R and joints.shape[2] == V, ValueError, lambda: (
+        f"joints must have shape (R, G, V) = ({R}, G, {V}) to match partner and x; got shape {list(joints.shape)}")
+    yield G == 1 or G == N, ValueError, lambda: (
+        f"joints has G={G} groups; G must be 1 (one region for the batch) or N={N} (one per sample)")
+    yield span.shape[0] == R and span.shape[1] == G and span.shape[2] == 2, ValueError, lambda: (
+        f"span must have shape (R, G, 2) = ({R}, {G}, 2) to match joints; got shape {list(span.shape)}")
+    yield block >= 1, ValueError, lambda: f"block must be >= 1; got {block}"
+
+
+def _value_error(partner: torch.Tensor, span: torch.Tensor, N: int, T: int, block: int) -> str | None:
+    """The first out-of-range partner or span as a message (None when all are valid); reads them on the host."""
+    blocks = -(-T // block)
+    p = partner.cpu()
+    bad = ((p < 0) | (p >= N)).nonzero()
+    if len(bad):
+        r, n = bad[0].tolist()
+        return f"partner must hold sample indices in [0, N={N}); got partner[{r}, {n}] = {int(p[r, n])}"
+    s = span.cpu()
+    bad = ((s[..., 0] < 0) | (s[..., 0] > s[..., 1]) | (s[..., 1] > blocks)).nonzero()
+    if len(bad):
+        r, g = bad[0].tolist()
+        return (f"span must hold block ranges [start, end) with 0 <= start <= end <= ceil(T / block) = {blocks} "
+                f"(T={T}, block={block}); got span[{r}, {g}] = {s[r, g].tolist()}")
+    return None
+
+
+def _eager(x, partner, joints, span, block):
+    if not torch.compiler.is_compiling():  # values are data: a traced graph cannot branch on them
+        message = _value_error(partner, span, x.shape[0], x.shape[2], block)
+        if message is not None:
+            raise ValueError(f"skelemix.ops.skelemix_gather: {message}")
+    return reference.skelemix_gather(x, partner, joints, span, block)
+
+
+def _cpp(x, partner, joints, span, block):
+    return torch.ops.skelemix.skelemix_gather(x, partner, joints, span, block)
+
+
+# "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
+# missing, raises an error that says how to build it (rather than "no such impl").
+_IMPLEMENTATIONS = {"eager": _eager, "cpp": _cpp, "cuda": _cpp}
+
+
+def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor, block: int,
+                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Build ``R`` SkeleMix batches from ``x`` in one pass.
+
+    Args:
+        x: ``(N, C, T, V, M)`` float32, float64, float16 or bfloat16.
+        partner: ``(R, N)`` int64 in ``[0, N)`` on the device of ``x``.
+        joints: ``(R, G, V)`` bool, ``G`` in ``{1, N}``; ``(R, V)`` is short for ``G == 1``.
+        span: ``(R, G, 2)`` int64 ``[start, end)`` in blocks; ``(R, 2)`` is short for ``G == 1``.
+        block: frames per block (the encoder's temporal stride), ``>= 1``.
+        impl: ``auto`` (C++ on CPU when built, else eager), ``eager``, ``cpp`` or ``cuda``.
+
+    Returns:
+        ``(mixed, mask)``: ``(R * N, C, T, V, M)`` in the dtype of ``x`` and ``(R, N, ceil(T / block), V)`` bool;
+        see :func:`skelemix.reference.skelemix_gather`. Not differentiable.
+    """
+    args = (x, partner, joints, span)
+    if not all(isinstance(t, torch.Tensor) for t in args):
+        raise TypeError("skelemix.ops.skelemix_gather: x, partner, joints and span must be tensors; got "
+                        + ", ".join(type(t).__name__ for t in args))
+    if joints.dim() == 2:
+        joints = joints[:, None]
+    if span.dim() == 2:
+        span = span[:, None]
+    for ok, exc, message in _checks(x, partner, joints, span, block):
+        if not ok:
+            raise exc(f"skelemix.ops.skelemix_gather: {message()}")
+    return select("skelemix_gather", impl, x.device, _IMPLEMENTATIONS)(x, partner, joints, span, block)
+
+
+def _register() -> None:
+    @torch.library.register_fake("skelemix::skelemix_gather")
+    def _(x, partner, joints, span, block):
+        for ok, _, message in _checks(x, partner, joints, span, block):
+            torch._check(ok, lambda message=message: f"skelemix::skelemix_gather: {message()}")
+        N, C, T, V, M = x.shape
+        R = partner.shape[0]
+        mixed = x.new_empty((R * N, C, T, V, M))
+        mask = joints.new_empty((R, N, (T + block - 1) // block, V))
+        return mixed, mask
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, grad_mixed, grad_mask):
+        # Without a registration torch would warn and silently return no gradient for x.
+        raise RuntimeError("skelemix::skelemix_gather has no backward (SkeleMix mixes views under no_grad); detach x, "
+                           "or use impl='eager' to differentiate through the mixing")
+
+    torch.library.register_autograd("skelemix::skelemix_gather", backward, setup_context=setup_context)
+
+
+if _extension.HAS_CPP:
+    _register()

@@ -89,6 +89,7 @@ def register() -> None:
         raise RuntimeError(f"skelemix triton ops: {why}")
     _register_mask_pool()
     _register_skelemix_gather()
+    _register_graph_conv()
     _REGISTERED = True
 
 
@@ -231,3 +232,163 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
     returns ``(mixed (R*N, C, T, V, M), mask (R, N, ceil(T / block), V))``. Forward only (no autograd)."""
     register()
     return torch.ops.skelemix.skelemix_gather_triton(x, partner, joints, span, block)
+
+
+# ----------------------------------------------------------------------------------------------- graph_conv
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    interpret = _extension.triton_interpret()
+    return {
+        # Triton's interpreter computes tl.dot on bf16 operands wrongly (it multiplies the raw 16-bit patterns):
+        # there the kernels cast bf16 tiles to fp32 first. GPUs use the bf16 tensor cores.
+        "DOT_FP32": interpret and dtype == torch.bfloat16,
+        # fp32 follows torch's own matmul setting: TF32 only when torch.set_float32_matmul_precision allows it.
+        "ALLOW_TF32": dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest",
+    }
+
+
+def _register_graph_conv() -> None:
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    kc = _kernels("graph_conv")
+    fwd_kernel = kc.graph_conv_fwd_kernel
+    weight_kernel = kc.graph_conv_bwd_weight_kernel
+    adjacency_kernel = kc.graph_conv_bwd_adjacency_kernel
+    op = "skelemix::graph_conv_triton"
+
+    def check(name, x, weight, bias, A, grad=None):
+        torch._check(x.dim() == 4, lambda: f"{name}: x must be 4-D (N, C_in, T, V); got shape {list(x.shape)}")
+        torch._check(A.dim() == 3 and A.shape[1] == A.shape[2] == x.shape[3], lambda: (
+            f"{name}: A must have shape (K, {x.shape[3]}, {x.shape[3]}) to match x of shape {list(x.shape)}; got "
+            f"shape {list(A.shape)}"))
+        K = A.shape[0]
+        torch._check(K > 0, lambda: f"{name}: A must have at least one subset (K >= 1); got shape {list(A.shape)}")
+        if weight is not None:
+            torch._check(weight.dim() == 2 and weight.shape[1] == x.shape[1] and weight.shape[0] % K == 0, lambda: (
+                f"{name}: weight must have shape (K * C_out, {x.shape[1]}) with K = {K}; got shape "
+                f"{list(weight.shape)}"))
+        if bias is not None:
+            torch._check(weight is not None and bias.shape == (weight.shape[0],), lambda: (
+                f"{name}: bias must have shape ({weight.shape[0]},); got shape {list(bias.shape)}"))
+        if grad is not None:
+            torch._check(grad.dim() == 4 and grad.shape[0] == x.shape[0] and grad.shape[2:] == x.shape[2:],
+                         lambda: f"{name}: grad must have shape (N, C_out, T, V) matching x {list(x.shape)}; got "
+                                 f"{list(grad.shape)}")
+        for arg, t in (("x", x), ("weight", weight), ("bias", bias), ("A", A), ("grad", grad)):
+            if t is None:
+                continue
+            _check_dtype(name, arg, t)
+            torch._check(t.dtype == x.dtype and t.device == x.device, lambda: (
+                f"{name}: {arg} must match x's dtype and device ({x.dtype}, {x.device}); got {t.dtype}, {t.device}"))
+
+    @triton_op(op, mutates_args=())
+    def graph_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          A: torch.Tensor) -> torch.Tensor:
+        check(op, x, weight, bias, A)
+        N, Cin, T, V = x.shape
+        K = A.shape[0]
+        Cout = weight.shape[0] // K
+        y = torch.empty((N, Cout, T, V), dtype=_result_dtype(x.dtype), device=x.device)
+        if y.numel() == 0:
+            return y.to(x.dtype)
+        VP = kc.padded_joints(V)
+        b = bias.contiguous() if bias is not None else y  # y: a dummy pointer, never read without a bias
+        if not _no_data(x, weight, b, A, y):
+            def grid(meta):
+                return N * triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(Cout, meta["BLOCK_C"])
+
+            with _device(x):
+                wrap_triton(fwd_kernel)[grid](
+                    x, weight, b, A, y, N, Cin, Cout, T, V, K, *x.stride(),
+                    Cout * weight.stride(0), weight.stride(0), weight.stride(1), *A.stride(),
+                    HAS_BIAS=bias is not None, VP=VP, INTERPRET=_extension.triton_interpret(),
+                    **_dot_flags(x.dtype))
+        return y.to(x.dtype)
+
+    @triton_op("skelemix::_graph_conv_backward_weight_triton", mutates_args=(),
+               schema="(Tensor grad, Tensor x, Tensor A) -> (Tensor, Tensor)")
+    def graph_conv_backward_weight_triton(grad: torch.Tensor, x: torch.Tensor,
+                                          A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        name = "skelemix::_graph_conv_backward_weight_triton"
+        check(name, x, None, None, A, grad)
+        N, Cout, T, V = grad.shape
+        Cin, K = x.shape[1], A.shape[0]
+        VP = kc.padded_joints(V)
+        block_i = 32
+        i_tiles = triton.cdiv(Cin, block_i)
+        block_c, block_t, split, num_warps = kc.reduction_settings(
+            VP, N * triton.cdiv(T, kc.frames_per_tile(VP)), K * triton.cdiv(Cout, 32) * i_tiles,
+            _extension.triton_interpret())
+        programs = K * triton.cdiv(Cout, block_c) * i_tiles
+        dw = torch.zeros((split, K * Cout, Cin), dtype=torch.float32, device=x.device)
+        db = torch.zeros((split, K * Cout), dtype=torch.float32, device=x.device)
+        if programs and not _no_data(grad, x, A, dw, db):
+            with _device(x):
+                wrap_triton(weight_kernel)[(programs, split)](
+                    grad, x, A, dw, db, N, Cin, Cout, T, V, K, *grad.stride(), *x.stride(), *A.stride(), split,
+                    VP=VP, BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_T=block_t, num_warps=num_warps,
+                    **_dot_flags(x.dtype))
+        return dw.sum(0).to(x.dtype), db.sum(0).to(x.dtype)
+
+    @triton_op("skelemix::_graph_conv_backward_adjacency_triton", mutates_args=())
+    def graph_conv_backward_adjacency_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                             bias: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+        name = "skelemix::_graph_conv_backward_adjacency_triton"
+        check(name, x, weight, bias, A, grad)
+        N, Cout, T, V = grad.shape
+        Cin, K = x.shape[1], A.shape[0]
+        VP = kc.padded_joints(V)
+        block_c, block_t, split, num_warps = kc.reduction_settings(
+            VP, N * triton.cdiv(T, kc.frames_per_tile(VP)) * triton.cdiv(Cout, 32), K,
+            _extension.triton_interpret())
+        da = torch.zeros((split, K, V, V), dtype=torch.float32, device=x.device)
+        b = bias.contiguous() if bias is not None else da
+        if Cout and not _no_data(grad, x, weight, b, A, da):
+            with _device(x):
+                wrap_triton(adjacency_kernel)[(K, split)](
+                    grad, x, weight, b, da, N, Cin, Cout, T, V, *grad.stride(), *x.stride(), *weight.stride(),
+                    split, HAS_BIAS=bias is not None, VP=VP, BLOCK_C=block_c, BLOCK_I=32, BLOCK_T=block_t,
+                    num_warps=num_warps, **_dot_flags(x.dtype))
+        return da.sum(0).to(x.dtype)
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, A = inputs
+        ctx.save_for_backward(x, weight, bias, A)
+
+    def backward(ctx, grad):
+        x, weight, bias, A = ctx.saved_tensors
+        need_x, need_w, need_b, need_a = ctx.needs_input_grad
+        gx = gw = gb = ga = None
+        if need_x:
+            # dL/dx = sum_k W_k^T (g A_k^T): the forward op with transposed weight blocks and adjacency, so
+            # double backward through it is the forward's own autograd.
+            K = A.shape[0]
+            Cout, Cin = weight.shape[0] // K, weight.shape[1]
+            wt = weight.reshape(K, Cout, Cin).transpose(1, 2).reshape(K * Cin, Cout)
+            gx = torch.ops.skelemix.graph_conv_triton(grad, wt, None, A.transpose(1, 2))
+        if need_w or need_b:
+            gw, gb = torch.ops.skelemix._graph_conv_backward_weight_triton(grad, x, A)
+            gw, gb = (gw if need_w else None), (gb if need_b else None)
+        if need_a:
+            ga = torch.ops.skelemix._graph_conv_backward_adjacency_triton(grad, x, weight, bias, A)
+        return gx, gw, gb, ga
+
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            "skelemix::graph_conv_triton: double backward through the weight, bias or A gradients is not "
+            "implemented; use impl='eager' for it")
+
+    def save_nothing(ctx, inputs, output):
+        pass
+
+    graph_conv_triton.register_autograd(backward, setup_context=setup_context)
+    graph_conv_backward_weight_triton.register_autograd(no_double_backward, setup_context=save_nothing)
+    graph_conv_backward_adjacency_triton.register_autograd(no_double_backward, setup_context=save_nothing)
+
+
+def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+    """``impl="triton"`` of :func:`skelemix.ops.graph_conv`."""
+    register()
+    return torch.ops.skelemix.graph_conv_triton(x, weight, bias, A)

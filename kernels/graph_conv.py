@@ -42,24 +42,32 @@ def _fwd_configs():
             for c, i, t, w, s in shapes]
 
 
+def channel_block(channels: int, most: int) -> int:
+    """A power-of-two channel tile between 16 (tl.dot's minimum) and ``most`` that wastes little on padding."""
+    return min(most, max(16, triton.next_power_of_2(channels)))
+
+
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 accumulators (2 x BLOCK_C * BLOCK_T * VP) exceed 16K elements; under the
-    interpreter keep one config (benchmarking there measures nothing)."""
+    """Drop tiles whose fp32 accumulators (2 x BLOCK_C * BLOCK_T * VP) exceed 16K elements. Under the
+    interpreter use one tile fitted to the channels instead: benchmarking there measures nothing, and its tl.dot
+    (numpy) costs what the padded tile costs."""
     VP = kwargs.get("VP", named_args.get("VP"))
-    fits = [c for c in configs if c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_T"] * VP <= 8192] or configs[-1:]
     if kwargs.get("INTERPRET", named_args.get("INTERPRET")):
-        return fits[:1]
-    return fits
+        return [triton.Config({"BLOCK_C": channel_block(named_args["COUT"], 64),
+                               "BLOCK_I": channel_block(named_args["CIN"], 32), "BLOCK_T": frames_per_tile(VP, 128)})]
+    return [c for c in configs if c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_T"] * VP <= 8192] or configs[-1:]
 
 
-def reduction_settings(VP: int, items: int, programs: int, interpret: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_C, BLOCK_T, SPLIT, num_warps)`` for the gradient reductions over ``items`` (n, t-tile) pairs
-    when ``programs`` programs run per split: about 512 programs in all on a GPU (4 per SM on an H100); a
-    few under the interpreter, where programs run one after another anyway."""
-    block_t = frames_per_tile(VP)
+def reduction_settings(VP: int, cin: int, cout: int, items, programs, interpret: bool) -> tuple[int, ...]:
+    """``(BLOCK_C, BLOCK_I, BLOCK_T, SPLIT, num_warps)`` for the gradient reductions. ``items(BLOCK_T, BLOCK_C)``
+    counts the reduction steps and ``programs(BLOCK_C, BLOCK_I)`` the programs per split; SPLIT makes about 512
+    programs in all on a GPU (4 per SM of an H100), a few under the interpreter, where programs run one after
+    another anyway."""
+    block_c, block_i = channel_block(cout, 32), channel_block(cin, 32)
+    block_t = frames_per_tile(VP, 128 if interpret else 64)
     target = 4 if interpret else 512
-    split = max(1, min(items, target // max(programs, 1), MAX_GRID_YZ))
-    return 32, block_t, split, 4
+    split = max(1, min(items(block_t, block_c), target // max(programs(block_c, block_i), 1), MAX_GRID_YZ))
+    return block_c, block_i, block_t, split, 4
 
 
 @triton.jit

@@ -185,3 +185,218 @@ def test_gather_errors(ops, bad, match):
     args = sample_inputs_gather("cpu")[1][1]
     with pytest.raises(RuntimeError, match="skelemix::skelemix_gather_triton: " + match):
         ops.skelemix_gather(*bad(args))
+
+
+# --------------------------------------------------------------------------------------------------- graph_conv
+
+
+def sample_inputs_graph_conv(device, dtype=torch.float32, requires_grad=False):
+    """(name, (x, weight, bias, A)) cases: ST-GCN-like, odd and tile-crossing sizes, width 1, strided views."""
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def case(N, Cin, Cout, T, V, K, bias=True):
+        return t(N, Cin, T, V), t(K * Cout, Cin) / math.sqrt(Cin), t(K * Cout) if bias else None, t(K, V, V) / V
+
+    x_perm = t(2, 6, 25, 5).permute(0, 3, 1, 2)  # (2, 5, 6, 25) from a (N, T, V, C) buffer
+    cases = [
+        ("stgcn_like", case(2, 3, 4, 16, 25, 3)),
+        ("odd_no_bias", case(3, 5, 6, 7, 3, 2, bias=False)),
+        ("crosses_tiles", case(1, 40, 70, 5, 25, 3)),  # Cin > BLOCK_I, Cout > BLOCK_C, T > BLOCK_T
+        ("one_joint_one_subset", case(2, 3, 2, 4, 1, 1)),
+        ("one_frame", case(2, 4, 3, 1, 17, 3)),
+        ("strided", (x_perm, t(5, 8).t(), t(16)[::2], t(2, 25, 25).transpose(1, 2) / 25)),
+        ("empty_batch", case(0, 3, 4, 5, 6, 3)),
+    ]
+    if requires_grad:
+        cases = [(n, tuple(a.requires_grad_() if a is not None else None for a in args)) for n, args in cases]
+    return cases
+
+
+def assert_close_scaled(actual, expected, rtol, name):
+    """Elementwise rtol plus an atol of rtol x max|expected|: sums of many products cancel to near-zero entries."""
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    assert_close_verbose(actual, expected, rtol, rtol * scale + 1e-7, name=name)
+
+
+def graph_conv_grads(fn, args, grad):
+    inputs = [a for a in args if a is not None and a.requires_grad]
+    out = fn(*args)
+    return out, torch.autograd.grad(out, inputs, grad) if out.numel() else [torch.zeros_like(a) for a in inputs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_conv_fp32_forward_backward(ops, device):
+    torch.set_float32_matmul_precision("highest")  # fp32 parity: no TF32 (the default; restated for GPUs)
+    for name, args in sample_inputs_graph_conv(device, requires_grad=True):
+        expected = reference.graph_conv(*args)
+        grad = torch.randn_like(expected)
+        out, grads = graph_conv_grads(lambda *a: ops.graph_conv(*a), args, grad)
+        _, want = graph_conv_grads(reference.graph_conv, args, grad)
+        assert_close_scaled(out, expected, 1e-5, f"{name} forward")
+        for arg, g, w in zip(("x", "weight", "bias", "A"), grads, want):
+            assert_close_scaled(g, w, 1e-5, f"{name} grad {arg}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_conv_low_precision(ops, device, dtype):
+    for name, args in sample_inputs_graph_conv(device):
+        a32, a, ae = (to(args, d, True) for d in (torch.float32, dtype, dtype))
+        ref = reference.graph_conv(*a32)
+        grad = torch.randn_like(ref)
+        ref, ref_grads = graph_conv_grads(reference.graph_conv, a32, grad)
+        out, grads = graph_conv_grads(lambda *z: ops.graph_conv(*z), a, grad.to(dtype))
+        eager, eager_grads = graph_conv_grads(reference.graph_conv, ae, grad.to(dtype))
+        assert out.dtype == dtype
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        assert_low_precision(out, eager, ref, 1e-3 * scale, f"{name} {dtype} forward")
+        for arg, g, e, r in zip(("x", "weight", "bias", "A"), grads, eager_grads, ref_grads):
+            scale = r.abs().max().item() if r.numel() else 0.0
+            assert_low_precision(g, e, r, 1e-3 * scale, f"{name} {dtype} grad {arg}")
+
+
+def test_graph_conv_double_backward_wrt_x(ops):
+    x, weight, bias, A = sample_inputs_graph_conv("cpu", requires_grad=True)[1][1]
+    grad = torch.randn(3, 6, 7, 3, requires_grad=True)
+    results = []
+    for fn in (ops.graph_conv, reference.graph_conv):
+        (gx,) = torch.autograd.grad(fn(x, weight, bias, A), x, grad, create_graph=True)
+        results.append(torch.autograd.grad((gx * gx).sum(), (grad, weight, A)))
+    for arg, a, e in zip(("grad", "weight", "A"), *results):
+        assert_close_scaled(a, e, 1e-5, f"grad of grad_x wrt {arg}")
+    (gw,) = torch.autograd.grad(ops.graph_conv(x, weight, bias, A), weight, grad, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward through the weight, bias or A gradients"):
+        torch.autograd.grad(gw.sum(), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_graph_conv_opcheck(ops, device):
+    for index in (0, 1):
+        x, weight, bias, A = sample_inputs_graph_conv(device, requires_grad=True)[index][1]
+        grad = torch.randn(x.shape[0], weight.shape[0] // A.shape[0], *x.shape[2:], device=device)
+        opcheck(torch.ops.skelemix.graph_conv_triton.default, (x, weight, bias, A))
+        opcheck(torch.ops.skelemix._graph_conv_backward_weight_triton.default, (grad, x, A))
+        opcheck(torch.ops.skelemix._graph_conv_backward_adjacency_triton.default, (grad, x, weight, bias, A))
+
+
+def test_graph_conv_errors(ops):
+    x, weight, bias, A = sample_inputs_graph_conv("cpu")[0][1]
+    op = torch.ops.skelemix.graph_conv_triton
+    with pytest.raises(RuntimeError, match=r"graph_conv_triton: A must have shape \(K, 25, 25\)"):
+        op(x, weight, bias, A[:, :3])
+    with pytest.raises(RuntimeError, match=r"graph_conv_triton: weight must have shape \(K \* C_out, 3\) with K = 3"):
+        op(x, weight[:, :2], bias, A)
+    with pytest.raises(RuntimeError, match=r"graph_conv_triton: bias must have shape \(12,\)"):
+        op(x, weight, bias[:5], A)
+    with pytest.raises(RuntimeError, match="graph_conv_triton: A must match x's dtype and device"):
+        op(x, weight, bias, A.half())
+    with pytest.raises(RuntimeError, match="impl='triton' takes float32, float16 or bfloat16 x; got torch.float64"):
+        op(x.double(), weight.double(), bias.double(), A.double())
+
+
+# ----------------------------------------------------------------------------------- torch.compile, models
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_traces_the_triton_ops(ops, device):
+    """Dynamo traces all three ops without graph breaks. Under the interpreter only the "eager" backend works
+    (AOTAutograd cannot trace interpreted kernels, see opcheck above); on a GPU Inductor compiles them."""
+    backend = "eager" if _extension.triton_interpret() else "inductor"
+    x, weight, bias, A = sample_inputs_graph_conv(device, requires_grad=True)[0][1]
+    mask = torch.rand(1, 16, 25, device=device) < 0.5
+    gather_args = sample_inputs_gather(device)[0][1]
+
+    def fn(x, weight, bias, A, mask, gather_args):
+        y = torch.ops.skelemix.graph_conv_triton(x, weight, bias, A)
+        pooled = torch.ops.skelemix.mask_pool_triton(y, mask)
+        mixed, region = torch.ops.skelemix.skelemix_gather_triton(*gather_args)
+        return pooled.square().sum(), mixed, region
+
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    loss, mixed, region = compiled(x, weight, bias, A, mask, gather_args)
+    grads = torch.autograd.grad(loss, (x, weight, bias, A))
+    want_loss, want_mixed, want_region = fn(x, weight, bias, A, mask, gather_args)
+    want_grads = torch.autograd.grad(want_loss, (x, weight, bias, A))
+    assert_close_scaled(loss, want_loss, 1e-5, "compiled loss")
+    for g, w in zip(grads, want_grads):
+        assert_close_scaled(g, w, 1e-5, "compiled grad")
+    assert torch.equal(mixed, want_mixed) and torch.equal(region, want_region)
+
+
+def old_schema_gather(x, partner, region):
+    """skelemix.ops.skelemix_gather's current (partner (N,), region (G, T, V)) schema on top of the triton op
+    (block = 1, R = 1). SkeleMix regions are joints x one frame interval; anything else is refused."""
+    from skelemix.ops import _triton
+
+    joints, frames = region.any(1), region.any(2)  # (G, V), (G, T)
+    assert torch.equal(region, frames[:, :, None] & joints[:, None, :]), "region is not joints x frames"
+    start = frames.int().argmax(1)
+    end = start + frames.sum(1)
+    assert torch.equal(frames, (torch.arange(region.shape[1], device=region.device) >= start[:, None])
+                       & (torch.arange(region.shape[1], device=region.device) < end[:, None])), "frames not an interval"
+    mixed, _ = _triton.skelemix_gather(x, partner[None], joints[None], torch.stack((start, end), -1)[None], 1)
+    return mixed
+
+
+def test_encoder_matches_eager(ops):
+    from skelemix.models import STGCN
+
+    torch.manual_seed(0)
+    eager = STGCN(hidden_channels=4, hidden_dim=16, impl="eager")
+    triton_enc = STGCN(hidden_channels=4, hidden_dim=16, impl="triton")
+    triton_enc.load_state_dict(eager.state_dict())
+    x = torch.randn(2, 3, 16, 25, 2)
+    mask = torch.rand(2, 4, 25) < 0.5
+    outs = []
+    for enc in (eager, triton_enc):
+        torch.manual_seed(1)  # the same dropout draws
+        p, c = enc(x, mask)
+        loss = (p * torch.linspace(-1, 1, p.shape[1])).sum() + c.square().sum()
+        loss.backward()
+        outs.append((p, c, {n: q.grad for n, q in enc.named_parameters()}))
+    assert_close_scaled(outs[1][0], outs[0][0], 1e-5, "p")
+    assert_close_scaled(outs[1][1], outs[0][1], 1e-5, "c")
+    assert_grads_close(outs[1][2], outs[0][2])
+
+
+def assert_grads_close(grads, want):
+    """rtol 1e-4 with an atol of 1e-5 x the largest gradient entry of the model: a conv bias before a BatchNorm
+    has a zero true gradient, so its entries are pure rounding noise at that scale."""
+    assert grads.keys() == want.keys()
+    scale = max(g.abs().max().item() for g in want.values())
+    for name, g in want.items():
+        assert_close_verbose(grads[name], g, 1e-4, 1e-5 * scale, name=f"grad {name}")
+
+
+def test_training_step_matches_eager(ops, monkeypatch):
+    import importlib
+
+    from skelemix.models import SkeleMixCLR
+
+    gather_module = importlib.import_module("skelemix.ops.skelemix_gather")
+    if "triton" not in gather_module._IMPLEMENTATIONS:  # until ops.skelemix_gather takes the (R, N) schema
+        monkeypatch.setitem(gather_module._IMPLEMENTATIONS, "triton", old_schema_gather)
+    cfg = dict(feature_dim=8, queue_size=64, swap_params=((2, 3, 2, 3, 1, 1.0),))
+    x = torch.randn(4, 3, 16, 25, 1)
+    key = x + 0.01 * torch.randn_like(x)
+    results = []
+    for impl in ("eager", "triton"):
+        torch.manual_seed(0)
+        model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16, impl=impl), **cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)  # the same dropout draws
+        out = model(x, key, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.encoder_q.named_parameters() if p.grad is not None}
+        optimizer.step()
+        results.append((out, grads, dict(model.encoder_q.named_parameters()), model.queue.clone()))
+    (eager_out, eager_grads, eager_params, eager_queue), (out, grads, params, queue) = results
+    for name in ("loss", "loss_ins", "loss_p", "loss_c"):
+        assert_close_scaled(out[name], eager_out[name], 1e-5, name)
+    assert len(grads) == len(params)
+    assert_grads_close(grads, eager_grads)
+    scale = max(g.abs().max().item() for g in eager_grads.values())
+    for name, p in eager_params.items():  # one SGD step of lr 0.1 apart by at most lr x the gradient tolerance
+        assert_close_verbose(params[name], p, 1e-5, 0.1 * 1e-4 * scale, name=f"updated {name}")
+    assert_close_scaled(queue, eager_queue, 1e-5, "queue")

@@ -316,12 +316,10 @@ def _register_graph_conv() -> None:
         N, Cout, T, V = grad.shape
         Cin, K = x.shape[1], A.shape[0]
         VP = kc.padded_joints(V)
-        block_i = 32
-        i_tiles = triton.cdiv(Cin, block_i)
-        block_c, block_t, split, num_warps = kc.reduction_settings(
-            VP, N * triton.cdiv(T, kc.frames_per_tile(VP)), K * triton.cdiv(Cout, 32) * i_tiles,
-            _extension.triton_interpret())
-        programs = K * triton.cdiv(Cout, block_c) * i_tiles
+        block_c, block_i, block_t, split, num_warps = kc.reduction_settings(
+            VP, Cin, Cout, lambda bt, bc: N * triton.cdiv(T, bt),
+            lambda bc, bi: K * triton.cdiv(Cout, bc) * triton.cdiv(Cin, bi), _extension.triton_interpret())
+        programs = K * triton.cdiv(Cout, block_c) * triton.cdiv(Cin, block_i)
         dw = torch.zeros((split, K * Cout, Cin), dtype=torch.float32, device=x.device)
         db = torch.zeros((split, K * Cout), dtype=torch.float32, device=x.device)
         if programs and not _no_data(grad, x, A, dw, db):
@@ -340,8 +338,8 @@ def _register_graph_conv() -> None:
         N, Cout, T, V = grad.shape
         Cin, K = x.shape[1], A.shape[0]
         VP = kc.padded_joints(V)
-        block_c, block_t, split, num_warps = kc.reduction_settings(
-            VP, N * triton.cdiv(T, kc.frames_per_tile(VP)) * triton.cdiv(Cout, 32), K,
+        block_c, block_i, block_t, split, num_warps = kc.reduction_settings(
+            VP, Cin, Cout, lambda bt, bc: N * triton.cdiv(T, bt) * triton.cdiv(Cout, bc), lambda bc, bi: K,
             _extension.triton_interpret())
         da = torch.zeros((split, K, V, V), dtype=torch.float32, device=x.device)
         b = bias.contiguous() if bias is not None else da
@@ -349,7 +347,7 @@ def _register_graph_conv() -> None:
             with _device(x):
                 wrap_triton(adjacency_kernel)[(K, split)](
                     grad, x, weight, b, da, N, Cin, Cout, T, V, *grad.stride(), *x.stride(), *weight.stride(),
-                    split, HAS_BIAS=bias is not None, VP=VP, BLOCK_C=block_c, BLOCK_I=32, BLOCK_T=block_t,
+                    split, HAS_BIAS=bias is not None, VP=VP, BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_T=block_t,
                     num_warps=num_warps, **_dot_flags(x.dtype))
         return da.sum(0).to(x.dtype)
 

@@ -21,7 +21,8 @@ from skelemix.testing import assert_close_verbose, sample_inputs_mask_pool, tole
 
 pytestmark = pytest.mark.needs_triton
 
-DEVICES = [pytest.param("cpu", marks=pytest.mark.triton_interpret), pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+interpreted = pytest.mark.triton_interpret  # CPU tensors: the kernels run in Triton's interpreter
+DEVICES = [pytest.param("cpu", marks=interpreted), pytest.param("cuda", marks=pytest.mark.needs_cuda)]
 LOW = [torch.float16, torch.bfloat16]
 
 
@@ -83,6 +84,7 @@ def test_mask_pool_low_precision(ops, device, dtype):
         assert_low_precision(*grads, 1e-3, f"{name} {dtype} backward")
 
 
+@interpreted
 def test_mask_pool_double_backward(ops):
     x, mask = sample_inputs_mask_pool("cpu", torch.float32)[1].args
     x.requires_grad_(True)
@@ -102,6 +104,7 @@ def test_mask_pool_opcheck(ops, device):
     opcheck(torch.ops.skelemix._mask_pool_backward_triton.default, (grad, mask))
 
 
+@interpreted
 def test_triton_rejects_float64(ops):
     x, mask = sample_inputs_mask_pool("cpu", torch.float64)[0].args
     with pytest.raises(RuntimeError, match="impl='triton' takes float32, float16 or bfloat16 x; got torch.float64"):
@@ -174,6 +177,7 @@ def test_gather_opcheck(ops, device):
     opcheck(torch.ops.skelemix.skelemix_gather_triton.default, sample_inputs_gather(device)[1][1])
 
 
+@interpreted
 @pytest.mark.parametrize("bad, match", [
     (lambda a: (a[0][0], *a[1:]), "x must be 5-D"),
     (lambda a: (a[0], a[1][:, :2], *a[2:]), r"partner must be an int64 tensor of shape \(R, 3\); got torch.int64 \[2, 2\]"),
@@ -256,6 +260,7 @@ def test_graph_conv_low_precision(ops, device, dtype):
             assert_low_precision(g, e, r, 1e-3 * scale, f"{name} {dtype} grad {arg}")
 
 
+@interpreted
 def test_graph_conv_double_backward_wrt_x(ops):
     x, weight, bias, A = sample_inputs_graph_conv("cpu", requires_grad=True)[1][1]
     grad = torch.randn(3, 6, 7, 3, requires_grad=True)
@@ -280,6 +285,7 @@ def test_graph_conv_opcheck(ops, device):
         opcheck(torch.ops.skelemix._graph_conv_backward_adjacency_triton.default, (grad, x, weight, bias, A))
 
 
+@interpreted
 def test_graph_conv_errors(ops):
     x, weight, bias, A = sample_inputs_graph_conv("cpu")[0][1]
     op = torch.ops.skelemix.graph_conv_triton
@@ -339,6 +345,7 @@ def old_schema_gather(x, partner, region):
     return mixed
 
 
+@interpreted
 def test_encoder_matches_eager(ops):
     from skelemix.models import STGCN
 
@@ -369,6 +376,7 @@ def assert_grads_close(grads, want):
         assert_close_verbose(grads[name], g, 1e-4, 1e-5 * scale, name=f"grad {name}")
 
 
+@interpreted
 def test_training_step_matches_eager(ops, monkeypatch):
     import importlib
 

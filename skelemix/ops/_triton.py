@@ -6,8 +6,13 @@ wrappers below call on first use (``skelemix.ops.<op>(..., impl="triton")`` ends
 :func:`register` once before ``torch.compile`` so that Dynamo does not have to trace the registration.
 
 Ops (forward and backward are separate ``triton_op``s, so ``torch.compile`` sees every kernel):
-``skelemix::mask_pool_triton``, ``skelemix::_mask_pool_backward_triton``, ``skelemix::graph_conv_triton``,
-``skelemix::_graph_conv_backward_triton``, ``skelemix::skelemix_gather_triton`` (forward only).
+``skelemix::mask_pool_triton`` and ``skelemix::_mask_pool_backward_triton`` (double backward exact: each is the
+other's adjoint); ``skelemix::graph_conv_triton``, whose input gradient is ``graph_conv_triton`` itself with
+transposed weight blocks and adjacency (so double backward w.r.t. x works), plus
+``skelemix::_graph_conv_backward_weight_triton`` (weight and bias) and
+``skelemix::_graph_conv_backward_adjacency_triton`` (no double backward: they raise); and
+``skelemix::skelemix_gather_triton`` (forward only, the (R, N) partner/joints/span schema).
+They take float32, float16 and bfloat16 (fp32 accumulation); float64 is refused rather than computed in fp32.
 
 Under ``TRITON_INTERPRET=1`` the kernels run in Triton's CPU interpreter on CPU or CUDA tensors. There
 ``wrap_triton`` hands back the raw interpreted kernel, which needs real data: fake tensors (shape

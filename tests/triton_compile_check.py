@@ -40,7 +40,8 @@ for dt in ("fp32", "fp16", "bf16"):
     compile_kernel(km.mask_pool_fwd_kernel, dict(x_ptr=p, mask_ptr="*i1", count_ptr="*i32", out_ptr=p,
                    **ints("C S rows_per_mask")), blocks, f"mask_pool_fwd {dt}", num_warps=8)
     compile_kernel(km.mask_pool_bwd_kernel, dict(grad_ptr=p, mask_ptr="*i1", count_ptr="*i32", out_ptr=p,
-                   **ints("C S rows_per_mask stride_gb stride_gr stride_gc")), blocks, f"mask_pool_bwd {dt}", num_warps=8)
+                   **ints("C S rows_per_mask stride_gb stride_gr stride_gc")), blocks, f"mask_pool_bwd {dt}",
+                   num_warps=8)
     compile_kernel(kg.skelemix_gather_kernel, dict(x_ptr=p, partner_ptr="*i64", joints_ptr="*i1", span_ptr="*i64",
                    out_ptr=p, **ints("N T M ROWS COLS block region_r region_n V")), dict(BLOCK_ROW=64, BLOCK_COL=64),
                    f"skelemix_gather {dt}", num_warps=8)

@@ -442,3 +442,17 @@ def test_kernels_compile_for_hopper():
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "FAILED" not in res.stdout, res.stdout + res.stderr
     assert res.stdout.count("ok ") >= 3 * 5, res.stdout  # 5 kernels x 3 dtypes at least
+
+
+def test_launch_settings_are_pure_and_bounded(ops):
+    km, kg, kc = (ops._kernels(n) for n in ("mask_pool", "skelemix_gather", "graph_conv"))
+    assert km.settings(256, 16 * 25) == (8, 512, 8)  # (BLOCK_C, BLOCK_S, num_warps): 4096-element tiles
+    assert kg.settings(3 * 64, 25 * 2) == (64, 64, 8)
+    assert kc.padded_joints(25) == 32 and kc.padded_joints(3) == 16
+    with pytest.raises(ValueError, match="at most 128 joints"):
+        kc.padded_joints(129)
+    with pytest.raises(ValueError, match="more than 65535 programs"):
+        km.settings(1 << 25, 4)
+    block_c, block_i, block_t, split, _ = kc.reduction_settings(32, 64, 64, lambda bt, bc: 1000, lambda bc, bi: 6,
+                                                                interpret=False)
+    assert (block_c, block_i, block_t) == (32, 32, 2) and split == 512 // 6

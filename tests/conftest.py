@@ -1,16 +1,18 @@
 """Markers turned into skips, a fixed seed and RNG isolation for every test."""
+import importlib.util
 import os
+import random
+from pathlib import Path
 
-# Before anything imports triton: run Triton kernels in the CPU interpreter unless told otherwise.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import numpy as np
+import pytest
+import torch  # does not import triton
 
-import importlib.util  # noqa: E402
-import random  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Before anything imports triton (it reads TRITON_INTERPRET when a kernel is defined): without a GPU, run Triton
+# kernels in the CPU interpreter unless told otherwise. With a GPU they compile for it, as do torch.compile's
+# own Triton kernels, which the interpreter would only slow down.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Prepared datasets shared between checkouts: <checkouts>/shared/data next to this repository.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -33,6 +35,9 @@ def pytest_collection_modifyitems(config, items):
         "needs_triton": (lambda: importlib.util.find_spec("triton") is None or not _triton_importable(),
                          "needs triton (pip install triton)"),
         "needs_data": (lambda: not SHARED_DATA.is_dir(), f"needs the prepared datasets in {SHARED_DATA}"),
+        "triton_interpret": (lambda: os.environ.get("TRITON_INTERPRET") != "1" or not _triton_importable(),
+                             "needs triton and TRITON_INTERPRET=1 (Triton's CPU interpreter; set by this conftest "
+                             "when no GPU is visible)"),
     }
     decided = {}
     for item in items:

@@ -194,7 +194,8 @@ def test_raw_backward_errors(grad, mask, match):
 # ----------------------------------------------------------------------------------------- impl selection
 
 
-def test_impl_triton_on_cpu_raises():
+def test_impl_triton_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors need Triton's interpreter (tests/test_triton.py)
     x, mask = sample_inputs_mask_pool("cpu")[0].args
     with pytest.raises((NotImplementedError, RuntimeError, ValueError), match=r"impl='triton'"):
         mask_pool(x, mask, impl="triton")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from . import _triton
 from ._impl import select
 
-_IMPLEMENTATIONS = {"eager": reference.graph_conv}
+_IMPLEMENTATIONS = {"eager": reference.graph_conv, "triton": _triton.graph_conv}
 
 
 def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,

@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Tuple
 import torch
 
 from .. import _extension, reference
+from . import _triton
 from ._impl import select
 
 # (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
@@ -62,7 +63,7 @@ def _cpp(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
 # missing, raises an error that says how to build it (rather than "no such impl").
-_IMPLEMENTATIONS = {"eager": reference.mask_pool, "cpp": _cpp, "cuda": _cpp}
+_IMPLEMENTATIONS = {"eager": reference.mask_pool, "cpp": _cpp, "cuda": _cpp, "triton": _triton.mask_pool}
 
 
 def mask_pool(x: torch.Tensor, mask: torch.Tensor, impl: str = "auto") -> torch.Tensor:

@@ -346,21 +346,6 @@ def test_compile_fullgraph_traces_the_triton_ops(ops, device):
     assert torch.equal(mixed, want_mixed) and torch.equal(region, want_region)
 
 
-def old_schema_gather(x, partner, region):
-    """skelemix.ops.skelemix_gather's current (partner (N,), region (G, T, V)) schema on top of the triton op
-    (block = 1, R = 1). SkeleMix regions are joints x one frame interval; anything else is refused."""
-    from skelemix.ops import _triton
-
-    joints, frames = region.any(1), region.any(2)  # (G, V), (G, T)
-    assert torch.equal(region, frames[:, :, None] & joints[:, None, :]), "region is not joints x frames"
-    start = frames.int().argmax(1)
-    end = start + frames.sum(1)
-    assert torch.equal(frames, (torch.arange(region.shape[1], device=region.device) >= start[:, None])
-                       & (torch.arange(region.shape[1], device=region.device) < end[:, None])), "frames not an interval"
-    mixed, _ = _triton.skelemix_gather(x, partner[None], joints[None], torch.stack((start, end), -1)[None], 1)
-    return mixed
-
-
 @interpreted
 def test_encoder_matches_eager(ops):
     from skelemix.models import STGCN
@@ -393,14 +378,9 @@ def assert_grads_close(grads, want):
 
 
 @interpreted
-def test_training_step_matches_eager(ops, monkeypatch):
-    import importlib
-
+def test_training_step_matches_eager(ops):
     from skelemix.models import SkeleMixCLR
 
-    gather_module = importlib.import_module("skelemix.ops.skelemix_gather")
-    if "triton" not in gather_module._IMPLEMENTATIONS:  # until ops.skelemix_gather takes the (R, N) schema
-        monkeypatch.setitem(gather_module._IMPLEMENTATIONS, "triton", old_schema_gather)
     cfg = dict(feature_dim=8, queue_size=64, swap_params=((2, 3, 2, 3, 1, 1.0),))
     x = torch.randn(4, 3, 16, 25, 1)
     key = x + 0.01 * torch.randn_like(x)

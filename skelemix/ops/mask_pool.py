@@ -84,7 +84,7 @@ def mask_pool(x: torch.Tensor, mask: torch.Tensor, impl: str = "auto") -> torch.
     for ok, exc, message in _forward_checks(x, mask):
         if not ok:
             raise exc(f"skelemix.ops.mask_pool: {message()}")
-    return select("mask_pool", impl, x.device, _IMPLEMENTATIONS)(x, mask)
+    return select("mask_pool", impl, x.device, _IMPLEMENTATIONS, x.dtype)(x, mask)
 
 
 def _register() -> None:

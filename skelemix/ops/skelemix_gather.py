@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Tuple
 import torch
 
 from .. import _extension, reference
+from . import _triton
 from ._impl import select
 
 # (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
@@ -68,12 +69,21 @@ def _value_error(partner: torch.Tensor, span: torch.Tensor, N: int, T: int, bloc
     return None
 
 
-def _eager(x, partner, joints, span, block):
+def _check_values(x, partner, span, block):
     if not torch.compiler.is_compiling():  # values are data: a traced graph cannot branch on them
         message = _value_error(partner, span, x.shape[0], x.shape[2], block)
         if message is not None:
             raise ValueError(f"skelemix.ops.skelemix_gather: {message}")
+
+
+def _eager(x, partner, joints, span, block):
+    _check_values(x, partner, span, block)
     return reference.skelemix_gather(x, partner, joints, span, block)
+
+
+def _triton_gather(x, partner, joints, span, block):
+    _check_values(x, partner, span, block)  # the Triton kernel reads indices unchecked
+    return _triton.skelemix_gather(x, partner, joints, span, block)
 
 
 def _cpp(x, partner, joints, span, block):
@@ -82,7 +92,7 @@ def _cpp(x, partner, joints, span, block):
 
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
 # missing, raises an error that says how to build it (rather than "no such impl").
-_IMPLEMENTATIONS = {"eager": _eager, "cpp": _cpp, "cuda": _cpp}
+_IMPLEMENTATIONS = {"eager": _eager, "cpp": _cpp, "cuda": _cpp, "triton": _triton_gather}
 
 
 def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor, block: int,
@@ -95,7 +105,7 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
         joints: ``(R, G, V)`` bool, ``G`` in ``{1, N}``; ``(R, V)`` is short for ``G == 1``.
         span: ``(R, G, 2)`` int64 ``[start, end)`` in blocks; ``(R, 2)`` is short for ``G == 1``.
         block: frames per block (the encoder's temporal stride), ``>= 1``.
-        impl: ``auto`` (C++ on CPU when built, else eager), ``eager``, ``cpp`` or ``cuda``.
+        impl: ``auto`` (C++ on CPU when built, else eager), ``eager``, ``cpp``, ``cuda`` or ``triton``.
 
     Returns:
         ``(mixed, mask)``: ``(R * N, C, T, V, M)`` in the dtype of ``x`` and ``(R, N, ceil(T / block), V)`` bool;

@@ -11,6 +11,7 @@
 //   grad_x[n] (C_in*T, V) = sum_k u[k] @ A[k]^T;  grad_A[k] += X^T @ u[k];  grad_W' += g @ xa^T,
 // so every big GEMM is K*C_in*C_out*T*V, as in the eager backward, and every A-product is a (.., V) x (V, V)
 // one. half and bfloat16 are computed in float (whole tensors upcast) and rounded once at the end.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +23,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 #include "../graph_conv.h"
 
@@ -47,11 +49,28 @@ void for_each_sample_chunk(int64_t N, const F& f) {
   });
 }
 
-// xa (K*C_in, T*V) = [x[n] @ A[k]]_k for one sample X (C_in*T, V).
-void apply_A(const at::Tensor& X, const at::Tensor& A, at::Tensor& xa3) {
-  for (int64_t k = 0; k < A.size(0); ++k) {
-    at::Tensor out = xa3.select(0, k);
-    at::mm_out(out, X, A.select(0, k));
+// The K slices of a (K, ...) tensor, made once: views cost a dispatcher call each, and the loops below would
+// otherwise make them for every sample.
+std::vector<at::Tensor> slices(const at::Tensor& t, bool transpose = false) {
+  std::vector<at::Tensor> out;
+  for (int64_t k = 0; k < t.size(0); ++k) out.push_back(transpose ? t.select(0, k).t() : t.select(0, k));
+  return out;
+}
+
+// xa[k] = X @ A[k] for one sample X (C_in*T, V); xa_k[k] is (C_in*T, V).
+void apply_A(const at::Tensor& X, const std::vector<at::Tensor>& A_k, std::vector<at::Tensor>& xa_k) {
+  for (size_t k = 0; k < A_k.size(); ++k) at::mm_out(xa_k[k], X, A_k[k]);
+}
+
+// G[c, w] += sum_t g[c, t, w] for one sample g (C_out, T, V), contiguous.
+template <typename scalar_t>
+void add_time_sum(const scalar_t* g, scalar_t* G, int64_t c_out, int64_t T, int64_t V) {
+  for (int64_t c = 0; c < c_out; ++c) {
+    scalar_t* Gc = G + c * V;
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t* gt = g + (c * T + t) * V;
+      for (int64_t w = 0; w < V; ++w) Gc[w] += gt[w];
+    }
   }
 }
 
@@ -70,31 +89,37 @@ at::Tensor graph_conv_forward_kernel(const at::Tensor& x_, const at::Tensor& wei
   const bool a_first = graph_conv_a_first(c_in, c_out);
   const at::Tensor wide = a_first ? graph_conv_weight_to_wide(weight, K) : at::Tensor();
 
+  const std::vector<at::Tensor> A_k = slices(A);
+  const at::Tensor bias_frames = bias_term.defined() ? bias_term.expand({c_out, T, V}) : at::Tensor();
+
   for_each_sample_chunk(N, [&](int64_t begin, int64_t end, int64_t /*thread*/) {
-    // Per-thread intermediate: xa (K, C_in*T, V) or h (K*C_out, T*V).
-    at::Tensor buf = a_first ? at::empty({K, c_in * T, V}, x.options()) : at::empty({K * c_out, T * V}, x.options());
+    // Per-thread intermediate: xa (K, C_in*T, V) or h (K, C_out*T, V), i.e. (K*C_out, T*V).
+    at::Tensor buf = a_first ? at::empty({K, c_in * T, V}, x.options()) : at::empty({K, c_out * T, V}, x.options());
+    std::vector<at::Tensor> buf_k = slices(buf);
+    const at::Tensor buf2 = a_first ? buf.view({K * c_in, T * V}) : buf.view({K * c_out, T * V});
     for (int64_t n = begin; n < end; ++n) {
       const at::Tensor xn = x.select(0, n);
       at::Tensor yn = y.select(0, n);
+      if (bias_frames.defined()) yn.copy_(bias_frames);
       if (a_first) {
-        apply_A(xn.view({c_in * T, V}), A, buf);
+        apply_A(xn.view({c_in * T, V}), A_k, buf_k);
         at::Tensor y2 = yn.view({c_out, T * V});
-        if (bias_term.defined()) {
-          yn.copy_(bias_term.expand({c_out, T, V}));
-          y2.addmm_(wide, buf.view({K * c_in, T * V}));
+        if (bias_frames.defined()) {
+          y2.addmm_(wide, buf2);
         } else {
-          at::mm_out(y2, wide, buf.view({K * c_in, T * V}));
+          at::mm_out(y2, wide, buf2);
         }
       } else {
-        at::mm_out(buf, weight, xn.view({c_in, T * V}));
+        at::Tensor h = buf2;
+        at::mm_out(h, weight, xn.view({c_in, T * V}));
         at::Tensor y2 = yn.view({c_out * T, V});
-        const at::Tensor h = buf.view({K, c_out * T, V});
-        if (bias_term.defined()) {
-          yn.copy_(bias_term.expand({c_out, T, V}));
-        } else {
-          y2.zero_();
+        for (int64_t k = 0; k < K; ++k) {
+          if (k == 0 && !bias_frames.defined()) {
+            at::mm_out(y2, buf_k[0], A_k[0]);
+          } else {
+            y2.addmm_(buf_k[k], A_k[k]);
+          }
         }
-        for (int64_t k = 0; k < K; ++k) y2.addmm_(h.select(0, k), A.select(0, k));
       }
     }
   });
@@ -124,39 +149,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> graph_conv_backward_k
   at::Tensor wide_parts = need_w ? at::zeros({threads, c_out, K * c_in}, options) : at::Tensor();
   at::Tensor A_parts = need_A ? at::zeros({threads, K, V, V}, options) : at::Tensor();
 
-  if (N * T * V > 0 && (need_x || need_w || need_A)) {
+  // G[c, w] = sum_{n,t} grad[n, c, t, w]: all that the bias needs (per-thread parts, like the others).
+  const bool need_G = need_b || (need_A && bias_.has_value());
+  at::Tensor G_parts = need_G ? at::zeros({threads, c_out, V}, options) : at::Tensor();
+  const std::vector<at::Tensor> A_k = slices(A), A_kt = slices(A, /*transpose=*/true);
+
+  if (N * T * V > 0) {
     for_each_sample_chunk(N, [&](int64_t begin, int64_t end, int64_t thread) {
       at::Tensor u = need_u ? at::empty({K, c_in * T, V}, options) : at::Tensor();
       at::Tensor xa = need_w ? at::empty({K, c_in * T, V}, options) : at::Tensor();
+      std::vector<at::Tensor> u_k = need_u ? slices(u) : std::vector<at::Tensor>();
+      std::vector<at::Tensor> xa_k = need_w ? slices(xa) : std::vector<at::Tensor>();
+      at::Tensor u2 = need_u ? u.view({K * c_in, T * V}) : at::Tensor();
+      const at::Tensor xa2t = need_w ? xa.view({K * c_in, T * V}).t() : at::Tensor();
+      const at::Tensor wide_t = need_u ? wide.t() : at::Tensor();
       at::Tensor wide_part = need_w ? wide_parts.select(0, thread) : at::Tensor();
-      at::Tensor A_part = need_A ? A_parts.select(0, thread) : at::Tensor();
+      std::vector<at::Tensor> A_part_k = need_A ? slices(A_parts.select(0, thread)) : std::vector<at::Tensor>();
+      at::Tensor G_part = need_G ? G_parts.select(0, thread) : at::Tensor();
       for (int64_t n = begin; n < end; ++n) {
-        const at::Tensor g = grad.select(0, n).view({c_out, T * V});
+        const at::Tensor gn = grad.select(0, n);
+        const at::Tensor g = gn.view({c_out, T * V});
         const at::Tensor X = x.defined() ? x.select(0, n).view({c_in * T, V}) : at::Tensor();
-        if (need_u) {
-          at::Tensor u2 = u.view({K * c_in, T * V});
-          at::mm_out(u2, wide.t(), g);
-        }
+        if (need_u) at::mm_out(u2, wide_t, g);
         if (need_x) {
           at::Tensor gx = grad_x.select(0, n).view({c_in * T, V});
-          at::mm_out(gx, u.select(0, 0), A.select(0, 0).t());
-          for (int64_t k = 1; k < K; ++k) gx.addmm_(u.select(0, k), A.select(0, k).t());
+          at::mm_out(gx, u_k[0], A_kt[0]);
+          for (int64_t k = 1; k < K; ++k) gx.addmm_(u_k[k], A_kt[k]);
         }
         if (need_A) {
-          for (int64_t k = 0; k < K; ++k) A_part.select(0, k).addmm_(X.t(), u.select(0, k));
+          const at::Tensor Xt = X.t();
+          for (int64_t k = 0; k < K; ++k) A_part_k[k].addmm_(Xt, u_k[k]);
         }
         if (need_w) {
-          apply_A(X, A, xa);
-          wide_part.addmm_(g, xa.view({K * c_in, T * V}).t());
+          apply_A(X, A_k, xa_k);
+          wide_part.addmm_(g, xa2t);
+        }
+        if (need_G) {
+          AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "graph_conv_bias_grad_cpu", [&] {
+            add_time_sum<scalar_t>(gn.const_data_ptr<scalar_t>(), G_part.mutable_data_ptr<scalar_t>(), c_out, T, V);
+          });
         }
       }
     });
   }
 
   const auto dtype = x_.scalar_type();
-  // G[c, w] = sum_{n,t} grad[n, c, t, w]: all that the bias needs.
-  const bool need_G = need_b || (need_A && bias_.has_value());
-  const at::Tensor G = need_G ? grad.sum(at::IntArrayRef{0, 2}) : at::Tensor();
+  const at::Tensor G = need_G ? G_parts.sum(0) : at::Tensor();
   at::Tensor grad_A;
   if (need_A) {
     grad_A = A_parts.sum(0);

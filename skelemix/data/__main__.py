@@ -1,14 +1,88 @@
-"""``python -m skelemix.data synth --out DIR``: write the generated demo data as a prepared dataset."""
+"""``python -m skelemix.data``: prepare raw datasets, export PYSKL pickles, write the generated demo data.
+
+    python -m skelemix.data prepare ntu60   --raw nturgb+d_skeletons --out data/ntu60 [--frames 64]
+    python -m skelemix.data prepare ntu120  --raw nturgb+d_skeletons nturgbd_skeletons_s018_to_s032 --out data/ntu120
+    python -m skelemix.data prepare pkummd  --raw PKUMMD --out data/pkummd1 --split-file cross-subject.txt
+    python -m skelemix.data prepare nwucla  --raw NW-UCLA --out data/nwucla
+    python -m skelemix.data prepare pyskl   --raw ntu60_3danno.pkl --out data/pyskl_ntu60
+    python -m skelemix.data export pyskl    --prepared data/ntu60/xsub --out ntu60_xsub.pkl
+    python -m skelemix.data synth --out DIR
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 
+from .errors import DataFormatError
+from .safe_pickle import UnsafePickleError
 from .synthetic import write_synthetic
 
 
+def _prepare(args) -> int:
+    common = dict(frames=args.frames, skip_bad=args.skip_bad, workers=args.workers, progress=not args.no_progress,
+                  force=args.force)
+    quirks = dict(official=args.official_preprocessing)
+    if args.dataset in ("ntu60", "ntu120"):
+        from .ntu import prepare_ntu
+        report = prepare_ntu(args.raw, args.out, version=int(args.dataset[3:]), bodies=args.bodies,
+                             ignore_list=args.ignore_list, **quirks, **common)
+    elif args.dataset == "pkummd":
+        from .pkummd import prepare_pkummd
+        report = prepare_pkummd(_one(args.raw), args.out, split_file=args.split_file, test_view=args.test_view,
+                                **quirks, **common)
+    elif args.dataset == "nwucla":
+        from .nwucla import prepare_nwucla
+        report = prepare_nwucla(_one(args.raw), args.out, **quirks, **common)
+    else:
+        from .pyskl import prepare_pyskl
+        report = prepare_pyskl(_one(args.raw), args.out, layout=args.layout, preprocessing=args.preprocessing,
+                               **quirks, **common)
+    print(report.summary())
+    return 0
+
+
+def _one(raw):
+    if len(raw) != 1:
+        raise SystemExit(f"--raw takes one path for this dataset; got {len(raw)}")
+    return raw[0]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m skelemix.data")
+    p = argparse.ArgumentParser(prog="python -m skelemix.data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="convert a raw dataset into prepared training arrays")
+    prep.add_argument("dataset", choices=("ntu60", "ntu120", "pkummd", "nwucla", "pyskl"))
+    prep.add_argument("--raw", required=True, nargs="+", help="raw data folder(s) (NTU: the .skeleton folders; "
+                      "PKU-MMD: the folder holding the skeleton and label folders; NW-UCLA: the folder holding "
+                      "all_sqe/; PYSKL: the annotation .pkl)")
+    prep.add_argument("--out", required=True, help="output folder (one sub-folder per benchmark)")
+    prep.add_argument("--frames", type=int, default=64, help="frames per sample after the temporal resize")
+    prep.add_argument("--bodies", choices=("tracked", "official"), default="tracked",
+                      help="NTU body selection: track bodies by bodyID and keep the two most active (default), or "
+                      "the official first-two-bodies-per-frame rule")
+    prep.add_argument("--official-preprocessing", action="store_true",
+                      help="reproduce the official preprocessing quirks (length count, sequence-wide rotation sign, "
+                      "epsilon in the angle)")
+    prep.add_argument("--ignore-list", help="NTU: file of sample names to leave out (e.g. the official "
+                      "NTU_RGBD*_samples_with_missing_skeletons.txt)")
+    prep.add_argument("--split-file", help="PKU-MMD: the official cross-subject.txt (needed for xsub)")
+    prep.add_argument("--test-view", default="L", help="PKU-MMD cross-view: the test view (default L)")
+    prep.add_argument("--layout", default=None, help="PYSKL: ntu-rgb+d or nw-ucla (default: from the joint count)")
+    prep.add_argument("--preprocessing", choices=("full", "resize"), default="full",
+                      help="PYSKL: full = centre, resize, align shoulders; resize = temporal resize only")
+    prep.add_argument("--skip-bad", action="store_true", help="leave malformed inputs out and list them instead "
+                      "of stopping at the first")
+    prep.add_argument("--workers", type=int, default=None, help="parsing processes (default: all cores)")
+    prep.add_argument("--force", action="store_true", help="redo benchmarks that are already prepared")
+    prep.add_argument("--no-progress", action="store_true")
+
+    exp = sub.add_parser("export", help="write a prepared dataset in another format")
+    exp.add_argument("format", choices=("pyskl",))
+    exp.add_argument("--prepared", required=True, help="prepared dataset folder (with meta.json)")
+    exp.add_argument("--out", required=True, help="the .pkl file to write")
+
     synth = sub.add_parser("synth", help="generated skeleton actions in the prepared-dataset format")
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=880)
@@ -16,6 +90,21 @@ def main(argv=None) -> int:
     synth.add_argument("--frames", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            return _prepare(args)
+        if args.command == "export":
+            from .pyskl import export_pyskl
+            n = export_pyskl(args.prepared, args.out)
+            print(f"wrote {n} annotations to {args.out}")
+            return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: the finished samples are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (DataFormatError, UnsafePickleError, FileNotFoundError, FileExistsError) as err:
+        hint = " (--skip-bad leaves such inputs out and lists them)" if isinstance(err, DataFormatError) else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
+        return 1
     write_synthetic(args.out, args.train, args.val, args.frames, args.seed)
     print(f"wrote {args.train} train and {args.val} val sequences of {args.frames} frames to {args.out}")
     return 0

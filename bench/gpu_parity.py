@@ -1,0 +1,84 @@
+"""Short parity run of every fused op's GPU implementations against the eager reference, on the samples of
+:mod:`skelemix.testing` (forward, and backward where the op has one). Small on purpose: it runs under
+compute-sanitizer in ``bench/device_check.sh``. Exit status 1 on any mismatch.
+
+    python -m bench.gpu_parity [--impl cuda triton]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import torch
+
+from skelemix import _extension, reference, testing
+
+OPS = ("mask_pool", "graph_conv", "skelemix_gather")
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def check(op: str, impl: str, dtype: torch.dtype) -> list[str]:
+    module = importlib.import_module(f"skelemix.ops.{op}")
+    samples = getattr(testing, f"sample_inputs_{op}", None)
+    if impl not in module._IMPLEMENTATIONS or samples is None:
+        return [f"SKIP {op} impl={impl}: not implemented"]
+    fn, ref = getattr(module, op), getattr(reference, op)
+    rtol, atol = testing.tolerances(dtype)
+    report = []
+    for sample in samples(device="cuda", dtype=dtype):
+        args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                for a in sample.args]
+        ref_args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                    for a in sample.args]
+        name = f"{op} impl={impl} {str(dtype)[6:]} {sample.name}"
+        try:
+            got, want = _outputs(fn(*args, impl=impl)), _outputs(ref(*ref_args))
+            for i, (g, w) in enumerate(zip(got, want)):
+                testing.assert_close_verbose(g, w, rtol, atol, f"{name} output {i}")
+            diffs = [(g, w) for g, w in zip(got, want) if g.requires_grad and g.numel()]
+            if diffs:
+                grads = [torch.randn_like(w) for _, w in diffs]
+                inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+                ref_inputs = [a for a in ref_args if isinstance(a, torch.Tensor) and a.requires_grad]
+                g_got = torch.autograd.grad([g for g, _ in diffs], inputs, grads, allow_unused=True)
+                g_want = torch.autograd.grad([w for _, w in diffs], ref_inputs, grads, allow_unused=True)
+                for j, (a, b) in enumerate(zip(g_got, g_want)):
+                    if b is not None:
+                        testing.assert_close_verbose(a, b, 10 * rtol, 10 * atol, f"{name} grad {j}")
+            torch.cuda.synchronize()
+            report.append(f"ok   {name}")
+        except Exception as err:  # noqa: BLE001 - every failure is reported, then the run fails
+            report.append(f"FAIL {name}: {type(err).__name__}: {err}")
+    return report
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--impl", nargs="+", default=["cuda", "triton"])
+    p.add_argument("--dtype", nargs="+", default=["float32"])
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device visible")
+        return 1
+    torch.manual_seed(0)
+    lines = []
+    for impl in args.impl:
+        ok, why = _extension.available(impl)
+        if not ok:
+            lines.append(f"FAIL impl={impl} unavailable: {why}")
+            continue
+        for op in OPS:
+            for dtype in args.dtype:
+                lines += check(op, impl, getattr(torch, dtype))
+    print("\n".join(lines))
+    failed = sum(line.startswith("FAIL") for line in lines)
+    print(f"{len(lines) - failed} ok/skipped, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

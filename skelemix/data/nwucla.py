@@ -1,0 +1,129 @@
+"""Northwestern-UCLA Multiview Action 3D in the ``all_sqe`` JSON form: ``aXX_sYY_eZZ_vWW.json`` (action,
+subject, episode, view) holding ``{"file_name", "skeletons": [T][20][3]}`` (Kinect v1, 20 joints, one body).
+
+Standard cross-view protocol: views 1 and 2 train (1,020 samples), view 3 tests (464); actions a01-a06, a08,
+a09, a11, a12 are the 10 classes. When ``val_label.pkl`` (CTR-GCN's test list) sits next to ``all_sqe``, it
+is read with the restricted unpickler and the test split is checked against it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataFormatError
+from .prepare import Candidate, Job, build, require_dir
+from .preprocess import preprocess
+from .safe_pickle import load as safe_load
+
+NUM_JOINTS = 20
+NAME = re.compile(r"^a(\d{2})_s(\d{2})_e(\d{2})_v(\d{2})$")
+ACTIONS = (1, 2, 3, 4, 5, 6, 8, 9, 11, 12)
+CLASSES = ("pick up with one hand", "pick up with two hands", "drop trash", "walk around", "sit down", "stand up",
+           "donning", "doffing", "throw", "carry")
+TRAIN_VIEWS, TEST_VIEW = (1, 2), 3
+CENTER, SHOULDERS = 2, (4, 8)  # shoulder centre; left and right shoulders (0-based)
+
+
+def parse_name(path) -> tuple[int, int, int, int]:
+    """``(action, subject, episode, view)`` from ``aXX_sYY_eZZ_vWW[.json]``."""
+    stem = Path(path).name
+    stem = stem[:-5] if stem.endswith(".json") else stem
+    m = NAME.match(stem)
+    if m is None:
+        raise DataFormatError(path, "unknown file-name pattern: expected aXX_sYY_eZZ_vWW.json (action, subject, "
+                              "episode, view)")
+    action, subject, episode, view = map(int, m.groups())
+    if action not in ACTIONS:
+        raise DataFormatError(path, f"unknown action a{action:02d}: NW-UCLA has actions {ACTIONS}")
+    return action, subject, episode, view
+
+
+def read_sequence(path) -> np.ndarray:
+    """``(3, T, 20, 1)`` float32 coordinates of one JSON file."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+        if not text.strip():
+            raise DataFormatError(path, "empty file: expected a JSON object with 'skeletons'", 1)
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataFormatError(path, f"not valid JSON ({err.msg})", err.lineno) from None
+    if not isinstance(obj, dict) or "skeletons" not in obj:
+        raise DataFormatError(path, "expected a JSON object with a 'skeletons' list [T][20][3]")
+    frames = obj["skeletons"]
+    if not isinstance(frames, list) or not frames:
+        raise DataFormatError(path, "'skeletons' must be a non-empty list of frames [T][20][3]")
+    for t, frame in enumerate(frames):
+        if not isinstance(frame, list) or len(frame) != NUM_JOINTS:
+            n = len(frame) if isinstance(frame, list) else type(frame).__name__
+            raise DataFormatError(path, f"wrong joint count in frame {t}: expected {NUM_JOINTS} joints, found {n}")
+        for j, joint in enumerate(frame):
+            if not isinstance(joint, list) or len(joint) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in joint):
+                raise DataFormatError(path, f"frame {t} joint {j}: expected 3 numbers (x, y, z), found {joint!r}")
+    x = np.asarray(frames, dtype=np.float64)
+    if not np.isfinite(x).all():
+        t, j, _ = np.argwhere(~np.isfinite(x))[0]
+        raise DataFormatError(path, f"frame {t} joint {j}: non-finite coordinate {x[t, j].tolist()}")
+    return x.transpose(2, 0, 1)[..., None].astype(np.float32)
+
+
+def _task(job, options):
+    raw = read_sequence(job.payload)
+    if not np.abs(raw).any():
+        return [(job.indices[0], None, None)]
+    return [(job.indices[0], preprocess(raw, options["frames"], CENTER, SHOULDERS, options["official"]), None)]
+
+
+def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad: bool = False, workers=None,
+                   progress: bool = True, force: bool = False):
+    """Convert ``raw/all_sqe/*.json`` (or ``raw/*.json``) into the prepared dataset ``out`` (splits train and
+    val, ``(N, 3, frames, 20, 1)``)."""
+    raw = require_dir(raw, "NW-UCLA raw data (the folder holding all_sqe/)")
+    folder = raw / "all_sqe" if (raw / "all_sqe").is_dir() else raw
+    files = sorted(e.path for e in os.scandir(folder) if e.name.endswith(".json"))
+    if not files:
+        raise FileNotFoundError(f"no .json files in {folder} (expected the all_sqe files aXX_sYY_eZZ_vWW.json)")
+    candidates, jobs, bad = [], [], []
+    for path in files:
+        try:
+            action, _, _, view = parse_name(path)
+        except DataFormatError as err:
+            if not skip_bad:
+                raise
+            bad.append((Path(path).stem, str(err)))
+            continue
+        split = "train" if view in TRAIN_VIEWS else "val" if view == TEST_VIEW else None
+        if split is None:
+            raise DataFormatError(path, f"unknown view v{view:02d}: NW-UCLA has views 1-3")
+        jobs.append(Job(path, [len(candidates)], path))
+        candidates.append(Candidate(Path(path).stem, ACTIONS.index(action), {None: split}))
+    labels_file = raw / "val_label.pkl"
+    if labels_file.is_file():
+        _check_val_list(labels_file, [c for c in candidates if c.splits[None] == "val"], skip_bad)
+    return build(out, dataset="nwucla", layout="nw-ucla", classes=CLASSES, frames=frames, joints=NUM_JOINTS,
+                 bodies=1, candidates=candidates, jobs=jobs, task=_task,
+                 options={"frames": frames, "official": official},
+                 skip_bad=skip_bad, workers=workers, progress=progress, force=force, skipped=bad)
+
+
+def _check_val_list(path, val, skip_bad):
+    """The view-3 files must be exactly CTR-GCN's test list, with the same labels (1-based there)."""
+    entries = safe_load(path)
+    try:
+        expected = {e["file_name"]: int(e["label"]) - 1 for e in entries}
+    except (TypeError, KeyError, ValueError):
+        raise DataFormatError(path, "expected a list of {'file_name', 'length', 'label'} dicts") from None
+    ours = {c.name: c.label for c in val}
+    if skip_bad:  # files skipped as bad may be absent
+        expected = {k: v for k, v in expected.items() if k in ours}
+    if ours != expected:
+        only_ours, only_list = sorted(set(ours) - set(expected)), sorted(set(expected) - set(ours))
+        relabelled = sorted(k for k in set(ours) & set(expected) if ours[k] != expected[k])
+        raise DataFormatError(path, f"the view-3 files disagree with this test list: {len(only_ours)} not listed "
+                              f"{only_ours[:3]}, {len(only_list)} listed but absent {only_list[:3]}, "
+                              f"{len(relabelled)} with another label {relabelled[:3]}")

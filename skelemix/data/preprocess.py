@@ -1,0 +1,87 @@
+"""Fixed-length preprocessing of raw skeleton sequences (REFERENCE.md 1.3): centre each body on a root joint,
+resize the time axis linearly, rotate every frame about the y axis so the shoulders lie along +x.
+
+``official=True`` reproduces ``feeder/preprocess_ntu.py`` bit for bit in its quirks:
+
+* the sequence length is the *number* of frames in which body 0's first joint is nonzero (frames of body 1
+  only, or gaps of body 0, shorten the window and cut off the end of the action);
+* the rotation angle is ``arccos(v.x / (|v| + 1e-4))`` with one sign for the whole sequence (from the sum of
+  ``v.z``): frames whose shoulder vector points the other way are rotated away from +x, and every frame
+  keeps a residual z of about 1e-3 from the epsilon.
+
+The default (``official=False``) uses the frames from the first to the last in which any body is present,
+and per-frame ``atan2`` angles, which put every frame's shoulder vector exactly on +x.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def resize_time(x: np.ndarray, frames: int) -> np.ndarray:
+    """Linear resize of axis 1 of ``(C, T, ...)`` to ``frames`` (half-pixel centres, edge clamping: the
+    same as cv2.resize INTER_LINEAR and ``F.interpolate(mode='linear', align_corners=False)``)."""
+    T = x.shape[1]
+    if T == frames:
+        return x.copy()
+    src = (np.arange(frames, dtype=np.float64) + 0.5) * (T / frames) - 0.5
+    src = np.clip(src, 0, T - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, T - 1)
+    w = (src - lo).reshape((1, frames) + (1,) * (x.ndim - 2))
+    return x[:, lo] * (1 - w) + x[:, hi] * w
+
+
+def valid_window(x: np.ndarray, official: bool = False) -> tuple[int, int]:
+    """The ``[start, stop)`` frames of ``x (C, T, V, M)`` that are kept (see the module doc)."""
+    if official:
+        return 0, int((np.abs(x[:, :, 0, 0]).sum(axis=0) != 0).sum())
+    present = np.flatnonzero(np.abs(x).sum(axis=(0, 2, 3)) != 0)
+    if len(present) == 0:
+        return 0, 0
+    return int(present[0]), int(present[-1]) + 1
+
+
+def align_shoulders(x: np.ndarray, left: int = 4, right: int = 8, official: bool = False) -> np.ndarray:
+    """Rotate ``x (3, T, V, M)`` about y, per frame and body, so the shoulder vector ``right - left`` lies on
+    +x (float64 arithmetic)."""
+    x = x.astype(np.float64)
+    out = np.empty_like(x)
+    for m in range(x.shape[3]):
+        v = x[:, :, right, m] - x[:, :, left, m]  # (3, T)
+        vx, vz = v[0], v[2]
+        if official:
+            theta = np.arccos(vx / (np.sqrt(vx ** 2 + vz ** 2) + 1e-4))
+            if vz.sum() >= 0:
+                theta = -theta
+        else:
+            theta = -np.arctan2(vz, vx)  # 0 for an absent body (v = 0)
+        c, s = np.cos(theta), np.sin(theta)
+        X, Y, Z = x[0, :, :, m], x[1, :, :, m], x[2, :, :, m]
+        out[0, :, :, m] = c[:, None] * X - s[:, None] * Z
+        out[1, :, :, m] = Y
+        out[2, :, :, m] = s[:, None] * X + c[:, None] * Z
+    return out
+
+
+def preprocess(x: np.ndarray, frames: int = 64, center: int = 20, shoulders: tuple[int, int] = (4, 8),
+               official: bool = False, mode: str = "full") -> np.ndarray:
+    """``x (3, T, V, M)`` raw coordinates (absent bodies zero) -> float32 ``(3, frames, V, M)``.
+
+    ``mode="full"``: centre on joint ``center`` per frame and body, resize, align the shoulders (joints
+    ``shoulders = (left, right)``). ``mode="resize"``: only the temporal resize of the whole sequence.
+    ``center=20, shoulders=(4, 8)`` are NTU's spine shoulder and shoulders; NW-UCLA uses ``center=2``.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or x.shape[0] != 3:
+        raise ValueError(f"expected a (3, T, V, M) sequence; got shape {x.shape}")
+    if mode == "resize":
+        return resize_time(x, frames).astype(np.float32)
+    if mode != "full":
+        raise ValueError(f"mode must be 'full' or 'resize'; got {mode!r}")
+    start, stop = valid_window(x, official)
+    if stop <= start:
+        raise ValueError("no frame with a body present: nothing to preprocess")
+    x = x[:, start:stop]
+    x = x - x[:, :, center:center + 1]  # absent bodies (all zero) stay zero
+    x = resize_time(x, frames).astype(np.float32)
+    return align_shoulders(x, *shoulders, official=official).astype(np.float32)

@@ -1,0 +1,110 @@
+"""PYSKL annotation pickles: round trip, the restricted unpickler, malformed annotations."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from skelemix.data import PreparedDataset, write_synthetic
+from skelemix.data.__main__ import main
+from skelemix.data.errors import DataFormatError
+from skelemix.data.pyskl import export_pyskl, prepare_pyskl, read_pyskl
+from skelemix.data.safe_pickle import UnsafePickleError, load, loads
+
+
+def test_round_trip_through_the_cli(tmp_path):
+    write_synthetic(tmp_path / "syn", 12, 6, frames=16, seed=1)
+    assert main(["export", "pyskl", "--prepared", str(tmp_path / "syn"), "--out", str(tmp_path / "a.pkl")]) == 0
+    data = read_pyskl(tmp_path / "a.pkl")
+    assert sorted(data["split"]) == ["train", "val"] and len(data["annotations"]) == 18
+    ann = data["annotations"][0]
+    assert ann["keypoint"].shape == (2, 16, 25, 3) and ann["total_frames"] == 16
+    assert main(["prepare", "pyskl", "--raw", str(tmp_path / "a.pkl"), "--out", str(tmp_path / "back"), "--frames",
+                 "16", "--preprocessing", "resize", "--no-progress"]) == 0
+    for split in ("train", "val"):
+        a, b = PreparedDataset(tmp_path / "syn", split), PreparedDataset(tmp_path / "back", split)
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.labels, b.labels)
+        assert (tmp_path / "syn" / f"{split}_names.txt").read_text() == \
+            (tmp_path / "back" / f"{split}_names.txt").read_text()
+    export_pyskl(tmp_path / "back", tmp_path / "b.pkl")
+    again = load(tmp_path / "b.pkl")
+    assert again["split"] == data["split"]
+    for x, y in zip(again["annotations"], data["annotations"]):
+        assert x["frame_dir"] == y["frame_dir"] and x["label"] == y["label"]
+        np.testing.assert_array_equal(x["keypoint"], y["keypoint"])
+
+
+def test_benchmark_prefixed_splits_and_full_preprocessing(tmp_path):
+    rng = np.random.default_rng(0)
+    anns = [{"frame_dir": f"s{i}", "label": i % 3, "total_frames": 20 + i,
+             "keypoint": rng.normal(size=(1 + i % 2, 20 + i, 25, 3)).astype(np.float32)} for i in range(6)]
+    split = {"xsub_train": ["s0", "s1", "s2"], "xsub_val": ["s3", "s4", "s5"], "xview_train": ["s0", "s3"],
+             "xview_val": ["s1", "s2", "s4"]}  # s5 is in no xview split
+    path = tmp_path / "p.pkl"
+    path.write_bytes(pickle.dumps({"split": split, "annotations": anns}))
+    report = prepare_pyskl(path, tmp_path / "out", frames=32, progress=False)
+    assert report.sizes == {"xsub": {"train": 3, "val": 3}, "xview": {"train": 2, "val": 3}}
+    d = PreparedDataset(tmp_path / "out" / "xview", "train")
+    assert d.data.shape == (2, 3, 32, 25, 2) and d.labels.tolist() == [0, 0]
+    assert np.abs(d.data[:, :, :, 20]).max() == 0 and np.abs(d.data[0, ..., 1]).max() == 0  # s0 has one body
+    from skelemix.data.preprocess import preprocess
+    x = np.zeros((3, 23, 25, 2), np.float32)
+    x[..., :2] = anns[3]["keypoint"].transpose(3, 1, 2, 0)
+    np.testing.assert_array_equal(d.data[1], preprocess(x, 32))
+
+
+class _Evil:
+    def __reduce__(self):
+        return os.system, ("echo this must never run",)
+
+
+def test_restricted_unpickler_loads_arrays_and_refuses_code(tmp_path):
+    for protocol in range(6):
+        obj = {"a": np.arange(6.0).reshape(2, 3), "b": [np.float32(2), np.zeros(3, np.int64), b"x"],
+               "c": (1, None, {2})}
+        out = loads(pickle.dumps(obj, protocol=protocol))
+        np.testing.assert_array_equal(out["a"], obj["a"])
+        assert out["b"][0] == 2 and out["c"] == (1, None, {2})
+    with pytest.raises(UnsafePickleError, match="refusing to load global (posix|nt).system"):
+        loads(pickle.dumps({"annotations": [_Evil()]}))
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"split": {}, "annotations": [_Evil()]}))
+    with pytest.raises(UnsafePickleError, match=r"evil\.pkl: refusing"):
+        prepare_pyskl(tmp_path / "evil.pkl", tmp_path / "o", progress=False)
+    assert main(["prepare", "pyskl", "--raw", str(tmp_path / "evil.pkl"), "--out", str(tmp_path / "o")]) == 1
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda a: a.update(keypoint=np.zeros((1, 5, 17, 2), np.float32)), r"only 3D \(C = 3\)"),
+    (lambda a: a.update(keypoint=np.zeros((1, 5, 17, 3), np.float32)), r"wrong joint count: expected 25 \(NTU\) or 20"),
+    (lambda a: a.update(total_frames=6), "total_frames is 6 but the keypoints have 5"),
+    (lambda a: a["keypoint"].__setitem__((0, 2, 3, 1), np.inf), "non-finite keypoint values"),
+    (lambda a: a.pop("label"), "expected a dict with 'frame_dir', 'label', 'keypoint'"),
+])
+def test_malformed_annotations_are_named(tmp_path, edit, message):
+    ann = {"frame_dir": "S001C001P001R001A001", "label": 0, "total_frames": 5,
+           "keypoint": np.ones((1, 5, 25, 3), np.float32)}
+    edit(ann)
+    path = tmp_path / "bad.pkl"
+    path.write_bytes(pickle.dumps({"split": {"train": ["S001C001P001R001A001"]}, "annotations": [ann]}))
+    with pytest.raises(DataFormatError, match=r"bad\.pkl: annotation 0.*" + message):
+        read_pyskl(path)
+    path.write_bytes(b"")
+    with pytest.raises(DataFormatError, match="empty file"):
+        read_pyskl(path)
+
+
+@pytest.mark.needs_data
+def test_pyskl_of_real_ntu_skeletons_matches_the_ntu_converter(shared_data, tmp_path):
+    from skelemix.data.ntu import prepare_ntu, read_xyz
+    files = sorted((shared_data / "ntu").glob("*.skeleton"))
+    names = [f.name[:-9] for f in files]
+    anns = [{"frame_dir": n, "label": int(n[-3:]) - 1, "keypoint": read_xyz(f).transpose(3, 1, 2, 0),
+             "total_frames": read_xyz(f).shape[1]} for n, f in zip(names, files)]
+    (tmp_path / "ntu.pkl").write_bytes(pickle.dumps({"split": {"xsub_train": names}, "annotations": anns}))
+    prepare_pyskl(tmp_path / "ntu.pkl", tmp_path / "pyskl", progress=False)
+    prepare_ntu(shared_data / "ntu", tmp_path / "ntu", workers=1, progress=False)
+    a, b = PreparedDataset(tmp_path / "pyskl" / "xsub", "train"), PreparedDataset(tmp_path / "ntu" / "xsub", "train")
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.meta["classes"] == b.meta["classes"]

@@ -72,7 +72,7 @@ def test_graph_conv(benchmark, provider, layer, mode):
     flops = 2 * B * T * V * K * c_out * (c_in + V) * (3 if backward else 1)
     y_bytes = B * c_out * T * V * 4
     traffic = numbytes(x, weight, bias, A) + y_bytes + (numbytes(x, weight, bias, A) + 2 * y_bytes if backward else 0)
-    measure(benchmark, step, group=f"op/graph_conv {c_in}->{c_out} T={T} {mode}", provider=provider,
+    measure(benchmark, step, group=f"op/graph_conv layer {layer} {c_in}->{c_out} T={T} {mode}", provider=provider,
             shapes={"x": list(x.shape), "weight": list(weight.shape), "A": list(A.shape)}, bytes=traffic,
             flops=flops)
 

@@ -155,6 +155,24 @@ def test_stgcn_encoder_cpp_matches_eager():
 
 
 @needs_cpp
+@pytest.mark.parametrize("wanted", [w for w in range(1, 16)], ids=lambda w: "+".join(
+    n for i, n in enumerate(NAMES) if w >> i & 1))
+def test_every_subset_of_requires_grad(wanted):
+    """The autograd wrapper saves only what the requested gradients read and passes stand-ins for the rest;
+    every combination must still give the reference's gradients."""
+    base = sample_inputs_graph_conv("cpu", torch.float64)[1].args
+    args = [a.detach().clone().requires_grad_(bool(wanted >> i & 1)) for i, a in enumerate(base)]
+    grad_out = torch.randn(args[0].shape[0], args[1].shape[0] // args[3].shape[0], *args[0].shape[2:],
+                           dtype=torch.float64)
+    want = grads_of(reference.graph_conv(*args), args, grad_out)
+    got = grads_of(graph_conv(*args, impl="cpp"), args, grad_out)
+    for arg_name, g, e in zip(NAMES, got, want):
+        assert (g is None) == (e is None), f"grad_{arg_name} presence differs"
+        if e is not None:
+            close(g, e, torch.float64, f"grad_{arg_name}")
+
+
+@needs_cpp
 def test_empty_batch_gives_zero_parameter_grads():
     x = torch.randn(0, 4, 5, 25)
     weight, bias, A = (torch.randn(12, 4, requires_grad=True), torch.randn(12, requires_grad=True),

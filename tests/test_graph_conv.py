@@ -173,6 +173,27 @@ def test_every_subset_of_requires_grad(wanted):
 
 
 @needs_cpp
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parallel_matches_reference(threads):
+    """The CPU kernel splits samples over intra-op threads and reduces per-thread parts of grad_weight, grad_A
+    and the bias sums (the rest of the suite runs on one thread, see conftest)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, args in sample_inputs_graph_conv("cpu", torch.float64, requires_grad=True)[:4]:
+            args = [a.detach().repeat(3, *([1] * (a.dim() - 1))).requires_grad_() if i == 0 else a
+                    for i, a in enumerate(args)]  # more samples than threads
+            expected = reference.graph_conv(*args)
+            out = graph_conv(*args, impl="cpp")
+            close(out, expected, torch.float64, f"{name} forward")
+            grad_out = torch.randn_like(expected)
+            for arg_name, g, e in zip(NAMES, grads_of(out, args, grad_out), grads_of(expected, args, grad_out)):
+                close(g, e, torch.float64, f"{name} grad_{arg_name} ({threads} threads)")
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_cpp
 def test_empty_batch_gives_zero_parameter_grads():
     x = torch.randn(0, 4, 5, 25)
     weight, bias, A = (torch.randn(12, 4, requires_grad=True), torch.randn(12, requires_grad=True),

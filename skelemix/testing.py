@@ -123,3 +123,40 @@ def sample_inputs_skelemix_gather(device="cpu", dtype=torch.float32) -> list[Sam
         Sample("empty_batch", case(0, 3, 8, 25, 2, 2, 1, 4)),
         Sample("no_mixes", case(3, 3, 8, 25, 2, 0, 1, 4)),
     ]
+
+
+def sample_inputs_graph_conv(device="cpu", dtype=torch.float32, requires_grad=False) -> list[Sample]:
+    """Varied ``(x, weight, bias, A)`` cases for :func:`skelemix.ops.graph_conv`, freshly drawn from the global
+    RNG. Both contraction orders of the kernels (A first when C_in <= C_out, the weight first otherwise), K = 1
+    and 3, V = 20 and 25, odd T, no bias, non-contiguous operands, an empty batch and, with ``requires_grad``,
+    a case where only some inputs require grad."""
+    device = torch.device(device)
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(requires_grad and grad)
+
+    def adjacency(K, V, grad=True):
+        # Non-negative like a normalised graph times edge importance, with rows of mixed size.
+        return (torch.rand(K, V, V, device=device, dtype=dtype) / V * 3).requires_grad_(requires_grad and grad)
+
+    def case(name, N, c_in, c_out, T, V, K, bias=True):
+        return Sample(name, (t(N, c_in, T, V), t(K * c_out, c_in), t(K * c_out) if bias else None, adjacency(K, V)))
+
+    # Non-contiguous x (from an (N, T, V, C) buffer), weight (transposed) and A (transposed per subset).
+    x_perm = torch.randn(3, 7, 20, 6, device=device, dtype=dtype).permute(0, 3, 1, 2).requires_grad_(requires_grad)
+    w_t = torch.randn(6, 3 * 10, device=device, dtype=dtype).t().requires_grad_(requires_grad)
+    A_t = (torch.rand(3, 20, 20, device=device, dtype=dtype) / 7).transpose(1, 2).requires_grad_(requires_grad)
+    return [
+        case("typical", 4, 16, 16, 8, 25, 3),
+        case("c_in_3_odd_t", 3, 3, 16, 9, 25, 3),
+        case("c_out_256", 2, 8, 256, 3, 20, 3),
+        case("weight_first", 2, 24, 8, 7, 20, 3),  # C_in > C_out
+        case("k1_no_bias", 3, 5, 6, 11, 25, 1, bias=False),
+        case("k3_no_bias_v20", 2, 6, 5, 5, 20, 3, bias=False),
+        case("width_one", 2, 1, 1, 1, 1, 2),
+        Sample("non_contiguous", (x_perm, w_t, t(3 * 10), A_t)),
+        case("empty_batch", 0, 4, 6, 5, 25, 3),
+        # Only x and A require grad (a frozen 1x1 conv); with requires_grad=False nothing does.
+        Sample("mixed_requires_grad", (t(2, 5, 7, 25), t(3 * 9, 5, grad=False), t(3 * 9, grad=False),
+                                       adjacency(3, 25))),
+    ]

@@ -1,0 +1,95 @@
+"""graph_conv at the ten graph convolutions of the paper's ST-GCN encoder (hidden 16, out 256, K=3, V=25,
+T=64 input frames), forward and forward+backward (all four gradients, as in training: the edge importance is
+trained), per provider; plus the whole encoder forward+backward with impl=eager and impl=cpp.
+
+Batch: ``bench.common.BATCH`` samples of 2 bodies (16 on the CPU, 128 on a GPU). The torch.compile provider
+is marked ``slow`` (deselect with ``-m "not slow"``, or set SKELEMIX_BENCH_COMPILE=0): its cold compile takes
+minutes on a CPU.
+"""
+import pytest
+import torch
+
+from bench.common import BATCH, DEVICE, measure, numbytes, skip_unless_provider
+from skelemix import ops, reference
+from skelemix.models.stgcn import STGCN
+
+FRAMES, M = 64, 2
+PROVIDERS = ["eager", pytest.param("compile", marks=pytest.mark.slow), "cpp", "cuda"]
+
+
+def layer_shapes(frames: int = FRAMES):
+    """(C_in, C_out, T, K, V) of each block's graph convolution, read off the encoder (stride is in the tcn,
+    after the graph conv, so a block's graph conv sees its input's T)."""
+    model = STGCN(hidden_channels=16, hidden_dim=256)
+    K, V = model.A.shape[0], model.A.shape[1]
+    shapes, t = [], frames
+    for block in model.blocks:
+        shapes.append((block.gcn.conv.in_channels, block.gcn.conv.out_channels // K, t, K, V))
+        t = -(-t // block.stride)
+    return shapes
+
+
+LAYERS = layer_shapes()
+
+
+def _fn(provider):
+    if provider == "compile":
+        return torch.compile(reference.graph_conv)
+    impl = "eager" if provider == "eager" else provider
+
+    def fn(x, weight, bias, A):
+        return ops.graph_conv(x, weight, bias, A, impl=impl)
+    return fn
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("layer", range(len(LAYERS)), ids=[f"{ci}-{co}xT{t}" for ci, co, t, _, _ in LAYERS])
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_graph_conv(benchmark, provider, layer, mode):
+    skip_unless_provider(provider, "graph_conv")
+    c_in, c_out, T, K, V = LAYERS[layer]
+    B = BATCH * M
+    backward = mode == "fwd+bwd"
+    x = torch.randn(B, c_in, T, V, device=DEVICE, requires_grad=backward)
+    weight = (torch.randn(K * c_out, c_in, device=DEVICE) * 0.1).requires_grad_(backward)
+    bias = torch.randn(K * c_out, device=DEVICE).requires_grad_(backward)
+    A = (torch.rand(K, V, V, device=DEVICE) / V).requires_grad_(backward)
+    grad = torch.randn(B, c_out, T, V, device=DEVICE)
+    fn = _fn(provider)
+    inputs = (x, weight, bias, A)
+
+    if backward:
+        def step():
+            for t in inputs:
+                t.grad = None
+            fn(*inputs).backward(grad)
+    else:
+        def step():
+            with torch.no_grad():
+                fn(*inputs)
+
+    # The eager op's arithmetic (1x1 conv to K*C_out channels, then the K (V x V) products); backward = 2x.
+    flops = 2 * B * T * V * K * c_out * (c_in + V) * (3 if backward else 1)
+    y_bytes = B * c_out * T * V * 4
+    traffic = numbytes(x, weight, bias, A) + y_bytes + (numbytes(x, weight, bias, A) + 2 * y_bytes if backward else 0)
+    measure(benchmark, step, group=f"op/graph_conv layer {layer} {c_in}->{c_out} T={T} {mode}", provider=provider,
+            shapes={"x": list(x.shape), "weight": list(weight.shape), "A": list(A.shape)}, bytes=traffic,
+            flops=flops)
+
+
+@pytest.mark.parametrize("provider", ["eager", "cpp", "cuda"])
+def test_encoder_graph_conv_impl_fwd_bwd(benchmark, provider):
+    """The whole encoder (paper widths) forward+backward with only the fused ops' impl changed; both use the
+    same weights and input."""
+    skip_unless_provider(provider, "graph_conv")
+    skip_unless_provider(provider, "mask_pool")
+    torch.manual_seed(0)
+    encoder = STGCN(hidden_channels=16, hidden_dim=256, dropout=0.5, impl=provider).to(DEVICE)
+    x = torch.randn(BATCH, 3, FRAMES, 25, M, device=DEVICE)
+
+    def step():
+        encoder.zero_grad(set_to_none=True)
+        encoder(x).square().mean().backward()
+
+    measure(benchmark, step, group="model/encoder fwd+bwd (graph_conv impl)", provider=provider,
+            shapes={"x": list(x.shape), "hidden": [16, 256]})

@@ -15,6 +15,7 @@ import torch
 from skelemix import _extension, reference, testing
 
 OPS = ("mask_pool", "graph_conv", "skelemix_gather")
+FORWARD_ONLY = ("skelemix_gather",)  # no backward: its inputs never require grad
 
 
 def _outputs(out) -> list[torch.Tensor]:
@@ -29,7 +30,7 @@ def _atol(expected: torch.Tensor, rtol: float, atol: float) -> float:
     return atol + rtol * float(expected.detach().abs().max())
 
 
-def check(op: str, impl: str, dtype: torch.dtype) -> list[str]:
+def check(op: str, impl: str, dtype: torch.dtype, device: str = "cuda") -> list[str]:
     module = importlib.import_module(f"skelemix.ops.{op}")
     samples = getattr(testing, f"sample_inputs_{op}", None)
     if impl not in module._IMPLEMENTATIONS or samples is None:
@@ -37,11 +38,14 @@ def check(op: str, impl: str, dtype: torch.dtype) -> list[str]:
     fn, ref = getattr(module, op), getattr(reference, op)
     rtol, atol = testing.tolerances(dtype)
     report = []
-    for sample in samples(device="cuda", dtype=dtype):
-        args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-                for a in sample.args]
-        ref_args = [a.detach().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor) else a
-                    for a in sample.args]
+
+    def leaves(sample_args):
+        grad = op not in FORWARD_ONLY
+        return [a.detach().requires_grad_(grad and a.is_floating_point()) if isinstance(a, torch.Tensor) else a
+                for a in sample_args]
+
+    for sample in samples(device=device, dtype=dtype):
+        args, ref_args = leaves(sample.args), leaves(sample.args)
         name = f"{op} impl={impl} {str(dtype)[6:]} {sample.name}"
         try:
             got, want = _outputs(fn(*args, impl=impl)), _outputs(ref(*ref_args))
@@ -57,7 +61,8 @@ def check(op: str, impl: str, dtype: torch.dtype) -> list[str]:
                 for j, (a, b) in enumerate(zip(g_got, g_want)):
                     if b is not None:
                         testing.assert_close_verbose(a, b, rtol, _atol(b, rtol, atol), f"{name} grad {j}")
-            torch.cuda.synchronize()
+            if device == "cuda":
+                torch.cuda.synchronize()
             report.append(f"ok   {name}")
         except Exception as err:  # noqa: BLE001 - every failure is reported, then the run fails
             report.append(f"FAIL {name}: {type(err).__name__}: {err}")
@@ -68,8 +73,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", nargs="+", default=["cuda", "triton"])
     p.add_argument("--dtype", nargs="+", default=["float32"])
+    p.add_argument("--device", default="cuda", help="cpu checks this script itself with --impl cpp")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device visible")
         return 1
     torch.manual_seed(0)
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
             continue
         for op in OPS:
             for dtype in args.dtype:
-                lines += check(op, impl, getattr(torch, dtype))
+                lines += check(op, impl, getattr(torch, dtype), args.device)
     print("\n".join(lines))
     failed = sum(line.startswith("FAIL") for line in lines)
     print(f"{len(lines) - failed} ok/skipped, {failed} failed")

@@ -49,3 +49,17 @@ def test_pytest_bench_runs_and_saves_json(tmp_path):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_device_check_script_parses():
     subprocess.run(["bash", "-n", str(REPO / "bench" / "device_check.sh")], check=True)
+
+
+def test_gpu_parity_script_on_cpu_kernels():
+    """The parity script device_check.sh runs under compute-sanitizer, exercised here on the C++ CPU kernels."""
+    from skelemix import _extension
+
+    if not _extension.HAS_CPP:
+        pytest.skip(f"needs the C++ extension: {_extension.LOAD_ERROR}")
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import gpu_parity
+    finally:
+        sys.path.remove(str(REPO))
+    assert gpu_parity.main(["--impl", "cpp", "--device", "cpu", "--dtype", "float32", "float64"]) == 0

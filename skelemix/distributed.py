@@ -22,7 +22,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
@@ -229,21 +228,42 @@ def shard(n: int) -> range:
 
 
 # ------------------------------------------------------------------------------------------ BatchNorm
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``torch.nn.SyncBatchNorm``, which supports GPU inputs only, plus the same statistics for CPU inputs (the
-    gloo backend) computed with autograd-aware all-reduces (two passes: the global mean, then the global
-    biased variance for normalising; the unbiased one goes into the running statistics)."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks with its gradient (the sum of the output gradients over ranks)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """The statistics of ``torch.nn.SyncBatchNorm`` for CPU tensors (the gloo backend): torch's SyncBatchNorm
+    runs on GPUs only and DistributedDataParallel refuses it on the CPU. In training, two autograd-aware
+    all-reduces give the global mean, then the global biased variance for normalising; the unbiased one goes
+    into the running statistics. Evaluation and single-process runs are plain BatchNorm."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not self.training or world_size() == 1:
+        if not self.training or world_size() == 1:
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([float(x.numel() // x.shape[1])])
         dist.all_reduce(count)
-        mean = dist_fn.all_reduce(x.sum(dims)) / count
+        mean = _AllReduceSum.apply(x.sum(dims)) / count
         centered = x - mean.view(shape)
-        var = dist_fn.all_reduce((centered * centered).sum(dims)) / count
+        var = _AllReduceSum.apply((centered * centered).sum(dims)) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -256,16 +276,21 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         return out
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every BatchNorm of ``module`` turned into :class:`SyncBatchNorm` (weights and statistics kept)."""
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm):
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats)
-        new.load_state_dict(module.state_dict())
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``module`` made to use global-batch statistics (weights and statistics kept):
+    ``torch.nn.SyncBatchNorm`` for GPUs, :class:`CPUSyncBatchNorm` for the CPU."""
+    if device.type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        # The same Parameter objects (requires_grad kept: the key encoder's stay frozen) and buffers.
+        for name, value in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            setattr(new, name, value)
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, convert_sync_batchnorm(child))
+        module.add_module(name, convert_sync_batchnorm(child, device))
     return module
 
 

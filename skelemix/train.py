@@ -132,7 +132,7 @@ class Trainer:
             np.random.seed(seed)
             random.seed(seed)
             if config.dist.bn == "sync":
-                model = distributed.convert_sync_batchnorm(model)
+                model = distributed.convert_sync_batchnorm(model, self.device)
             model.shuffle_key_bn = config.dist.bn == "shuffle"
         self.model = model.to(self.device)
         self.net = distributed.wrap(self.model, self.device)  # DistributedDataParallel under torchrun

@@ -85,11 +85,6 @@ def cleanup():
         dist.destroy_process_group()
 
 
-def barrier():
-    if is_initialized():
-        dist.barrier()
-
-
 def print0(*args, **kwargs):
     """``print`` on rank 0 only."""
     if is_main():

@@ -709,9 +709,8 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:
         prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
         print(f"{prefix}error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.cleanup()
+        return 2  # no collective teardown: the other ranks may not have failed; torchrun ends them
+    distributed.cleanup()
     return 0
 
 

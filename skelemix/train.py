@@ -435,18 +435,15 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
         prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
         print(f"{prefix}error: {err}", file=sys.stderr)
-        distributed.cleanup()
-        return 2
+        return 2  # no collective teardown: the other ranks may not have failed; torchrun ends them
     n_params = sum(p.numel() for p in trainer.params)
     distributed.print0(f"pretraining {config.model.variant} on {config.data.root} ({len(trainer.train_set)} train / "
                        f"{len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable parameters, "
                        f"device {trainer.device}, impl {config.train.impl}, output {trainer.out}\n"
                        f"{describe_batch_and_lr(config, trainer.world)}", flush=True)
     start = time.perf_counter()
-    try:
-        status = trainer.fit(max_steps=args.max_steps)
-    finally:  # plots and the final linear evaluation below need no other rank
-        distributed.cleanup()
+    status = trainer.fit(max_steps=args.max_steps)  # an exception here ends this process; torchrun ends the others
+    distributed.cleanup()  # plots and the final linear evaluation below need no other rank
     if trainer.rank != 0:
         return 130 if status == "interrupted" else 0
     if status == "interrupted":

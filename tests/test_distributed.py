@@ -307,3 +307,36 @@ def test_torchrun_one_node_several_nodes_resume_and_evaluate(tmp_path):
                   "--no-plots", "--out", str(tmp_path / "knn1")]))
     np.testing.assert_array_equal(np.load(tmp_path / "knn2/scores.npy"), np.load(tmp_path / "knn1/scores.npy"))
 
+
+
+# ----------------------------------------------------------------------------------- config and resume rules
+def test_dist_config_and_lr_rule_are_checked_and_described():
+    from skelemix.config import ConfigError, describe_batch_and_lr
+    from skelemix.train import lr_at
+
+    with pytest.raises(ConfigError, match=r"dist.bn: expected one of per_rank, sync, shuffle; got 'global'"):
+        build_config({}, ["dist.bn=global"])
+    with pytest.raises(ConfigError, match=r"optim.lr_scaling: expected one of none, linear"):
+        build_config({}, ["optim.lr_scaling=sqrt"])
+    c = build_config({}, ["optim.lr=0.1", "train.batch_size=256", "model.queue_size=32768"])
+    assert lr_at(c, 1) == 0.1
+    assert describe_batch_and_lr(c, 4) == ("global batch 256 = 4 processes x 64; base lr 0.1 (optim.lr as given); "
+                                           "BatchNorm per_rank")
+    c = build_config({}, ["optim.lr=0.1", "train.batch_size=256", "model.queue_size=32768", "optim.lr_scaling=linear",
+                          "optim.lr_reference_batch=128", "optim.steps=[5]"])
+    assert lr_at(c, 1) == pytest.approx(0.2) and lr_at(c, 6) == pytest.approx(0.02)
+    assert "base lr 0.2 (linear scaling: optim.lr 0.1 x 256 / 128)" in describe_batch_and_lr(c, 1)
+
+
+def test_resume_with_another_global_batch_only_where_the_queue_allows(tmp_path, capsys):
+    from skelemix.train import main
+
+    args = ["--config", "demo.yaml", "--no-progress", "--out", str(tmp_path)]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args + ["--epochs", "2", "--max-steps", "1"]) == 0  # stops inside epoch 1
+    assert main(args + ["--epochs", "2", "--resume", "--set", "train.batch_size=16"]) == 2
+    assert ("cannot resume" in capsys.readouterr().err)
+    assert main(args + ["--epochs", "2", "--max-steps", "2", "--resume"]) == 0  # now at the end of epoch 1
+    assert main(args + ["--epochs", "2", "--resume", "--set", "train.batch_size=16"]) == 0
+    assert "the global batch changes from 8 to 16 at this epoch boundary" in capsys.readouterr().out

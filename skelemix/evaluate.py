@@ -499,8 +499,9 @@ def run(args) -> dict:
             "state_dict": "state dict", "none": "random initialisation"}[pre.kind]
     if pre.epoch is not None:
         what += f", epoch {pre.epoch}"
-    distributed.print0(f"{args.mode} evaluation of {pre.path or 'none'} ({what}) on {config.data.root} ({len(train_set)} train / "
-          f"{len(val_set)} val, {C} classes), view {view}, device {device}", flush=True)
+    distributed.print0(f"{args.mode} evaluation of {pre.path or 'none'} ({what}) on {config.data.root} "
+                       f"({len(train_set)} train / {len(val_set)} val, {C} classes), view {view}, device {device}",
+                       flush=True)
     result = {"mode": args.mode, "checkpoint": pre.path or "none", "checkpoint_kind": pre.kind,
               "checkpoint_epoch": pre.epoch, "data": config.data.root, "view": view, "classes": classes,
               "num_classes": C, "train_samples": len(train_set), "val_samples": len(val_set), "seed": seed,

@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="last", metavar="CHECKPOINT",
                    help="continue a run: from <out>/checkpoints/last.pt, or from the given checkpoint")
     p.add_argument("--epochs", type=int, help="= --set train.epochs=N")
-    p.add_argument("--batch-size", type=int, help="= --set train.batch_size=N")
+    p.add_argument("--batch-size", type=int, help="= --set train.batch_size=N (the global batch under torchrun)")
     p.add_argument("--workers", type=int, help="= --set train.workers=N")
     p.add_argument("--seed", type=int, help="= --set train.seed=N")
     p.add_argument("--device", help="= --set train.device=DEV (auto, cpu, cuda, cuda:N)")

@@ -340,3 +340,14 @@ def test_resume_with_another_global_batch_only_where_the_queue_allows(tmp_path, 
     assert main(args + ["--epochs", "2", "--max-steps", "2", "--resume"]) == 0  # now at the end of epoch 1
     assert main(args + ["--epochs", "2", "--resume", "--set", "train.batch_size=16"]) == 0
     assert "the global batch changes from 8 to 16 at this epoch boundary" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bn", ["sync", "shuffle"])
+def test_torchrun_with_synced_or_shuffled_batchnorm(tmp_path, bn):
+    text = _finish(_run(_torchrun() + ["--standalone", "--nproc_per_node=2"]
+                        + _train_args(tmp_path, "--max-steps", "2", "--set", f"dist.bn={bn}")))
+    assert f"global batch 8 = 2 processes x 4; base lr 0.001 (optim.lr as given); BatchNorm {bn}" in text
+    steps = _records(tmp_path, "step")
+    assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)
+    ckpt = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)
+    assert ckpt["config"]["dist"]["bn"] == bn and int(ckpt["model"]["queue_ptr"]) == 0  # 2 x 8 keys, queue of 16

@@ -13,6 +13,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from .distributed import BACKENDS, BN_MODES
 from .graph import LAYOUTS, STRATEGIES
 from .mix import MODES, PARTNERS, SPATIAL_MODES
 from .models.skelemixclr import VARIANTS
@@ -71,12 +72,16 @@ class OptimConfig:
     weight_decay: float = 1e-4
     nesterov: bool = False
     steps: list = field(default_factory=lambda: [300])  # lr *= 0.1 after each of these (1-based) epochs
+    # The base lr rule: "none" uses lr as given; "linear" uses lr * train.batch_size / lr_reference_batch (the
+    # linear scaling rule, for a global batch changed from the one lr was tuned for).
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 128
 
 
 @dataclass
 class TrainConfig:
     epochs: int = 300
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split evenly over the processes of a torchrun launch
     workers: int = 4
     seed: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -91,11 +96,22 @@ class TrainConfig:
 
 
 @dataclass
+class DistConfig:
+    """Settings that matter only when torchrun starts several processes (see skelemix/distributed.py)."""
+    backend: str = "auto"  # auto (nccl for GPUs, gloo for CPUs) | nccl | gloo
+    # BatchNorm statistics: per_rank (over each process's share of the batch, the paper's single-GPU
+    # statistics when that share is the paper's batch) | sync (over the global batch) | shuffle (per rank,
+    # with MoCo's cross-rank shuffle of the key encoder's batch)
+    bn: str = "per_rank"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,6 +129,9 @@ _CHOICES = {
     "model.partner": PARTNERS,
     "train.impl": IMPLS,
     "optim.name": ("sgd", "adamw"),
+    "optim.lr_scaling": ("none", "linear"),
+    "dist.backend": BACKENDS,
+    "dist.bn": BN_MODES,
 }
 
 
@@ -224,12 +243,13 @@ def validate(c: Config) -> None:
     t, m, d, o = c.train, c.model, c.data, c.optim
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("data.frames", d.frames),
                        ("model.hidden_channels", m.hidden_channels), ("model.hidden_dim", m.hidden_dim),
-                       ("model.feature_dim", m.feature_dim), ("model.queue_size", m.queue_size)):
+                       ("model.feature_dim", m.feature_dim), ("model.queue_size", m.queue_size),
+                       ("optim.lr_reference_batch", o.lr_reference_batch)):
         need(value >= 1, f"{key}: must be >= 1; got {value}")
     need(t.workers >= 0, f"train.workers: must be >= 0; got {t.workers}")
     need(m.queue_size % t.batch_size == 0,
          f"model.queue_size ({m.queue_size}) must be a multiple of train.batch_size ({t.batch_size}): the queue "
-         "is filled one batch of keys at a time")
+         "is filled one global batch of keys at a time")
     need(0 <= m.dropout < 1, f"model.dropout: must be in [0, 1); got {m.dropout}")
     need(0 <= m.momentum <= 1, f"model.momentum: must be in [0, 1]; got {m.momentum}")
     need(m.temperature > 0, f"model.temperature: must be > 0; got {m.temperature}")
@@ -249,6 +269,23 @@ def validate(c: Config) -> None:
         need(row[3] * stride <= d.frames, f"model.swap_params: tem_u={row[3]} blocks of {stride} frames exceed "
                                          f"data.frames={d.frames}")
     need(len(rows) <= 1, "model.swap_params: several query views (rows) are not supported by the trainer yet")
+
+
+def base_lr(c: Config) -> float:
+    """The learning rate before the step schedule, by ``optim.lr_scaling``."""
+    if c.optim.lr_scaling == "linear":
+        return c.optim.lr * c.train.batch_size / c.optim.lr_reference_batch
+    return c.optim.lr
+
+
+def describe_batch_and_lr(c: Config, world_size: int) -> str:
+    """One line stating the global batch, its split over processes and the lr rule (printed at start)."""
+    t, o = c.train, c.optim
+    rule = ("optim.lr as given" if o.lr_scaling == "none" else
+            f"linear scaling: optim.lr {o.lr:g} x {t.batch_size} / {o.lr_reference_batch}")
+    return (f"global batch {t.batch_size} = {world_size} process{'es' if world_size > 1 else ''} x "
+            f"{t.batch_size // world_size}; base lr {base_lr(c):g} ({rule})"
+            + (f"; BatchNorm {c.dist.bn}" if world_size > 1 else ""))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

@@ -13,6 +13,10 @@
 baseline). Each run writes ``results.json``, ``scores.npy`` (val softmax scores, for ensembles),
 ``labels.npy``, ``confusion.png`` and ``embedding.png`` into ``--out`` (default ``<checkpoint dir>/../eval_<mode>``).
 
+``linear`` and ``knn`` also run under ``torchrun --nproc_per_node=G -m skelemix.evaluate ...``: each process
+encodes a contiguous shard of every split, the features are gathered in order and rank 0 does the rest, so
+the results are those of one process (with ``--augment`` the random augmentation draws depend on the split).
+
 Two protocols are reported side by side for the trained probes. The paper's number is the best test top-1 over
 the evaluations every five epochs, i.e. model selection on the test set (REFERENCE.md 8, quirk 15); the clean
 number is the top-1 after the last epoch.
@@ -35,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from . import ops
+from . import distributed, ops
 from .augment import VIEWS, pretrain_augment, to_view
 from .checkpoint import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_checkpoint, load_official, save_checkpoint
 from .config import Config, ConfigError, build_config, load_yaml, make_encoder, resolve_device
@@ -241,6 +245,16 @@ def class_names(train_set, val_set) -> list[str]:
             raise ValueError(f"mismatched num_classes: the {name} split has label {int(t.max())} but only "
                              f"{len(classes)} classes")
     return classes
+
+
+def _shard(ds):
+    """This process's contiguous share of ``ds`` under torchrun (``ds`` itself in one process)."""
+    return ds if distributed.world_size() == 1 else Subset(ds, list(distributed.shard(len(ds))))
+
+
+def _gathered(features_and_labels):
+    """Every process's shard of ``(features, labels)``, concatenated in rank order (the whole split)."""
+    return tuple(distributed.gather_rows(t) for t in features_and_labels)
 
 
 def _loader(ds, batch_size: int, device: torch.device, workers: int, shuffle: bool = False,
@@ -456,7 +470,10 @@ def run(args) -> dict:
     start = time.perf_counter()
     pre = load_pretrained(args.checkpoint, args.config, args.set)
     config = with_data(pre.config, args.data, args.view)
-    device = resolve_device(args.device)
+    device = distributed.init(config.dist.backend, resolve_device(args.device))  # no-op without torchrun
+    if distributed.world_size() > 1 and args.mode not in ("linear", "knn"):
+        raise ValueError(f"{args.mode} evaluation runs in one process; start it with python -m skelemix.evaluate "
+                         "(only linear and knn spread the feature extraction over torchrun processes)")
     seed = config.train.seed if args.seed is None else args.seed
     if args.workers is not None:
         workers = args.workers
@@ -482,8 +499,9 @@ def run(args) -> dict:
             "state_dict": "state dict", "none": "random initialisation"}[pre.kind]
     if pre.epoch is not None:
         what += f", epoch {pre.epoch}"
-    print(f"{args.mode} evaluation of {pre.path or 'none'} ({what}) on {config.data.root} ({len(train_set)} train / "
-          f"{len(val_set)} val, {C} classes), view {view}, device {device}", flush=True)
+    distributed.print0(f"{args.mode} evaluation of {pre.path or 'none'} ({what}) on {config.data.root} "
+                       f"({len(train_set)} train / {len(val_set)} val, {C} classes), view {view}, device {device}",
+                       flush=True)
     result = {"mode": args.mode, "checkpoint": pre.path or "none", "checkpoint_kind": pre.kind,
               "checkpoint_epoch": pre.epoch, "data": config.data.root, "view": view, "classes": classes,
               "num_classes": C, "train_samples": len(train_set), "val_samples": len(val_set), "seed": seed,
@@ -502,12 +520,14 @@ def run(args) -> dict:
             encoder = build_encoder(pre, dim, head=head, keep_fc=True, impl=impl, seed=seed).to(device)
         else:
             encoder = build_encoder(pre, None, impl=impl, seed=seed).to(device)
-        loaders = [_loader(ds, args.batch_size, device, workers) for ds in (train_set, val_set)]
+        loaders = [_loader(_shard(ds), args.batch_size, device, workers) for ds in (train_set, val_set)]
         if args.augment:
             d = config.data
             loaders = [_Augmented(ld, d.shear, d.temporal_ratio, seed + i) for i, ld in enumerate(loaders)]
-        (bank, bank_labels), (feats, labels) = [extract_features(encoder, ld, device, view, layout,
-                                                                 projection=projection) for ld in loaders]
+        (bank, bank_labels), (feats, labels) = [_gathered(extract_features(encoder, ld, device, view, layout,
+                                                                           projection=projection)) for ld in loaders]
+        if not distributed.is_main():
+            return {}
         per_k, votes = {}, {}
         for k in args.k:
             votes[k] = knn_scores(bank, bank_labels, feats, k, C, t=args.t)
@@ -532,8 +552,11 @@ def run(args) -> dict:
             # the pretrained running statistics, dropout is off) and feeds it unaugmented data. Its features
             # therefore never change between epochs, and training the classifier on features computed once is
             # exactly the official computation, minus 149 redundant passes through the encoder.
-            loaders = [_loader(ds, args.batch_size, device, workers) for ds in (train_set, val_set)]
-            (tr_f, tr_y), (va_f, va_y) = [extract_features(encoder, ld, device, view, layout) for ld in loaders]
+            loaders = [_loader(_shard(ds), args.batch_size, device, workers) for ds in (train_set, val_set)]
+            (tr_f, tr_y), (va_f, va_y) = [_gathered(extract_features(encoder, ld, device, view, layout))
+                                          for ld in loaders]
+            if not distributed.is_main():
+                return {}
             fit = train_linear(tr_f, tr_y, va_f, va_y, C, epochs=settings["epochs"], lr=settings["lr"],
                                milestones=settings["milestones"], batch_size=args.batch_size,
                                eval_interval=settings["eval_interval"], seed=seed, device=device)
@@ -685,8 +708,10 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 2  # no collective teardown: the other ranks may not have failed; torchrun ends them
+    distributed.cleanup()
     return 0
 
 

@@ -8,6 +8,9 @@ to the same encoder at random initialisation. With ``--config`` it runs a shippe
 Outputs in ``train.out``: ``config.yaml`` (resolved), ``metrics.jsonl``, TensorBoard events in ``tb/``,
 ``checkpoints/last.pt`` (every epoch and on Ctrl-C) and ``checkpoints/epochN.pt`` (every ``save_interval``),
 and ``loss.png`` / ``knn.png`` at the end. ``--resume`` continues exactly where a run stopped.
+
+``torchrun --nproc_per_node=G -m skelemix.train ...`` trains on G processes with DistributedDataParallel
+(``train.batch_size`` stays the global batch; see ``skelemix/distributed.py`` and the ``dist`` config section).
 """
 from __future__ import annotations
 
@@ -24,13 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
-from . import ops
+from . import distributed, ops
 from .augment import pretrain_augment, to_view
 from .checkpoint import PRETRAIN_FORMAT, load_checkpoint, save_checkpoint
-from .config import (Config, ConfigError, list_configs, load_config, make_encoder, make_pretrain_model,
-                     resolve_device)
+from .config import (Config, ConfigError, base_lr, describe_batch_and_lr, list_configs, load_config, make_encoder,
+                     make_pretrain_model, resolve_device)
 from .data import load_splits
 from .models import init_weights
 from .probe import extract_features, knn_accuracy, train_linear
@@ -46,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="last", metavar="CHECKPOINT",
                    help="continue a run: from <out>/checkpoints/last.pt, or from the given checkpoint")
     p.add_argument("--epochs", type=int, help="= --set train.epochs=N")
-    p.add_argument("--batch-size", type=int, help="= --set train.batch_size=N")
+    p.add_argument("--batch-size", type=int, help="= --set train.batch_size=N (the global batch under torchrun)")
     p.add_argument("--workers", type=int, help="= --set train.workers=N")
     p.add_argument("--seed", type=int, help="= --set train.seed=N")
     p.add_argument("--device", help="= --set train.device=DEV (auto, cpu, cuda, cuda:N)")
@@ -66,8 +69,9 @@ def _cli_overrides(args) -> list[str]:
 
 
 def lr_at(config: Config, epoch: int) -> float:
-    """Step schedule of the official code: base * 0.1^(number of steps passed); ``epoch`` is 1-based."""
-    return config.optim.lr * 0.1 ** sum(epoch > s for s in config.optim.steps)
+    """Step schedule of the official code: base * 0.1^(number of steps passed); ``epoch`` is 1-based. The base
+    is ``optim.lr`` or, with ``optim.lr_scaling: linear``, scaled by the global batch."""
+    return base_lr(config) * 0.1 ** sum(epoch > s for s in config.optim.steps)
 
 
 def _rng_state(generator: torch.Generator) -> dict:
@@ -92,50 +96,96 @@ def _set_rng_state(state: dict, generator: torch.Generator):
 
 
 class Trainer:
+    """Pretraining in one process, or in every process of a torch.distributed group (``distributed.init``):
+    each rank then trains on its share of the global batch through DistributedDataParallel."""
+
     def __init__(self, config: Config, progress: bool = True):
         self.config = config
-        self.progress = progress
         t = config.train
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.progress = progress and self.rank == 0
         self.device = resolve_device(t.device)
+        if self.world > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", distributed.local_rank())
         ops.check_impl_available(t.impl, self.device)
+        if t.batch_size % self.world:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) is the global batch and must be divisible by the "
+                              f"number of processes ({self.world})")
+        self.local_batch = t.batch_size // self.world
         self.out = Path(t.out)
         torch.manual_seed(t.seed)
         np.random.seed(t.seed)
         random.seed(t.seed)
         # Augmentation and mixing draw from their own CPU generator, so they are the same on every device
-        # and their state is saved with the checkpoints.
-        self.generator = torch.Generator().manual_seed(t.seed)
+        # and their state is saved with the checkpoints. Each rank has its own stream (rank 0: the seed).
+        self.generator = torch.Generator().manual_seed(distributed.rank_seed(t.seed, self.rank))
         self.train_set, self.val_set = load_splits(config.data)
         if len(self.train_set) < t.batch_size:
             raise ConfigError(f"train.batch_size ({t.batch_size}) exceeds the {len(self.train_set)} training samples")
-        self.model = make_pretrain_model(config).to(self.device)
+        model = make_pretrain_model(config)  # the same seed on every rank: the same initial weights
+        if model.mixers and self.local_batch < 2:
+            raise ConfigError(f"SkeleMix draws partners within each process's batch, which needs at least 2 samples; "
+                              f"train.batch_size {t.batch_size} over {self.world} processes gives {self.local_batch}")
+        if self.world > 1:
+            seed = distributed.rank_seed(t.seed, self.rank)  # dropout and other global draws differ per rank
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            if config.dist.bn == "sync":
+                model = distributed.convert_sync_batchnorm(model, self.device)
+            model.shuffle_key_bn = config.dist.bn == "shuffle"
+        self.model = model.to(self.device)
+        self.net = distributed.wrap(self.model, self.device)  # DistributedDataParallel under torchrun
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
         self.optimizer = (torch.optim.SGD(self.params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                           nesterov=o.nesterov) if o.name == "sgd" else
                           torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay))
         self.steps_per_epoch = len(self.train_set) // t.batch_size  # drop_last, as the official loader
+        self.sampler = distributed.ResumableDistributedSampler(self.train_set, t.batch_size, self.world, self.rank,
+                                                               seed=t.seed)
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # completed steps of the current epoch
         self.global_step = 0
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """The checkpoint (a collective under torch.distributed: it gathers every rank's random states)."""
+        rng = distributed.all_gather_object(_rng_state(self.generator))
         return {"format": PRETRAIN_FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "rng": _rng_state(self.generator)}
+                "global_step": self.global_step, "rng": rng[0], "world_size": self.world, "rng_ranks": rng}
 
     def save(self, name: str = "last.pt") -> Path:
-        return save_checkpoint(self.state_dict(), self.out / "checkpoints" / name)
+        """Every rank calls this; rank 0 writes (the model and optimizer are the same on every rank)."""
+        state, path = self.state_dict(), self.out / "checkpoints" / name
+        if self.rank == 0:
+            save_checkpoint(state, path)
+        return path
 
     def load(self, path: Path):
         ckpt = load_checkpoint(path, map_location=self.device)
         if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_FORMAT:
             raise ValueError(f"{path} is not a skelemix pretraining checkpoint (format {PRETRAIN_FORMAT})")
+        self._check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        _set_rng_state(ckpt["rng"], self.generator)
+        states = ckpt.get("rng_ranks", [ckpt["rng"]])
+        if len(states) == self.world:
+            _set_rng_state(states[self.rank], self.generator)
+        else:  # no stream to continue for some ranks: fresh per-rank streams, distinct from the run's start
+            seed = distributed.rank_seed(self.config.train.seed + 7919 * (self.global_step + 1), self.rank)
+            self.generator.manual_seed(seed)
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            distributed.print0(
+                f"note: {path} was written by {len(states)} process(es) and this run has {self.world}: the weights, "
+                "optimizer, queue and data order continue exactly, but the random streams (augmentation, mixing, "
+                "dropout) are re-seeded, so the run does not replay the one it continues bit for bit", flush=True)
+        if self.rank != 0:
+            return
         # Records written after this checkpoint belong to steps that will be redone.
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
@@ -143,22 +193,34 @@ class Trainer:
                     if line and json.loads(line).get("global_step", 0) <= self.global_step]
             metrics.write_text("".join(line + "\n" for line in keep))
 
-    # ----------------------------------------------------------------------------------------- loop
-    def _order(self, epoch: int) -> torch.Tensor:
-        """The shuffled sample order of an epoch, a function of (seed, epoch) only, so resuming mid-epoch
-        replays the same batches."""
-        g = torch.Generator().manual_seed(self.config.train.seed * 100_003 + epoch)
-        return torch.randperm(len(self.train_set), generator=g)
+    def _check_resumable(self, path: Path, ckpt: dict):
+        """The epoch position and queue pointer of a checkpoint count global batches of its run: another number
+        of processes is fine when it divides the global batch (checked in __init__); another global batch is
+        fine only at an epoch boundary with a queue pointer on a multiple of it."""
+        old, new = ckpt["config"]["train"]["batch_size"], self.config.train.batch_size
+        if old == new:
+            return
+        ptr = int(ckpt["model"]["queue_ptr"])
+        if ckpt["step_in_epoch"] or ptr % new:
+            raise ValueError(
+                f"cannot resume {path} with train.batch_size {new}: it was trained with global batch {old} and "
+                + (f"stopped inside an epoch (step {ckpt['step_in_epoch']}), whose remaining batches are batches of "
+                   f"{old}" if ckpt["step_in_epoch"] else f"its queue pointer ({ptr}) is not a multiple of {new}")
+                + f". Resume with train.batch_size={old}; the number of processes may change if it divides {old}")
+        distributed.print0(f"note: the global batch changes from {old} to {new} at this epoch boundary", flush=True)
 
-    def _loader(self, dataset, indices=None, batch_size=None, drop_last=False):
+    # ----------------------------------------------------------------------------------------- loop
+    def _loader(self, dataset, sampler=None, batch_size=None, drop_last=False):
         t = self.config.train
         # Its own generator: creating an iterator would otherwise draw from the global RNG (a worker base
         # seed), so a resumed run would see different dropout draws than an uninterrupted one.
-        return DataLoader(dataset, batch_size=batch_size or t.batch_size, shuffle=False, drop_last=drop_last,
-                          sampler=None if indices is None else indices.tolist(), num_workers=t.workers,
-                          pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(0))
+        return DataLoader(dataset, batch_size=batch_size or self.local_batch, shuffle=False, drop_last=drop_last,
+                          sampler=sampler, num_workers=t.workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(0))
 
     def _log(self, record: dict):
+        if self.rank != 0:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
@@ -173,22 +235,34 @@ class Trainer:
         for _ in range(2):  # query, then key: independent augmentations of the same samples
             aug = pretrain_augment(x, c.data.shear, c.data.temporal_ratio, generator=self.generator)
             views.append(to_view(aug, c.data.view, c.model.layout))
-        out = self.model(views[0], views[1], generator=self.generator)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {self.global_step + 1} (epoch "
+        out = self.net(views[0], views[1], generator=self.generator)
+        # The logged values are means over the ranks (each rank's loss is the mean over its equal share), and
+        # every rank sees them, so a non-finite loss on any rank stops all of them at the same step.
+        parts = dict(zip(out, distributed.mean_over_ranks(torch.stack([v.detach().float() for v in out.values()]))
+                         .tolist()))
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(f"the loss became {parts['loss']} at step {self.global_step + 1} (epoch "
                                      f"{self.epoch + 1}); stopping instead of training on garbage. Lower "
                                      "optim.lr or check the data for NaN/inf values")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out["loss"].backward()
         self.optimizer.step()
-        return {k: v.item() for k, v in out.items()}
+        return parts
+
+    def _features(self, encoder, dataset, batch_size: int, projection: bool = False):
+        """``extract_features`` of the whole dataset; under torch.distributed each rank encodes a contiguous
+        shard and the shards are gathered in order, so every rank gets the one-process result."""
+        if self.world > 1:
+            dataset = Subset(dataset, list(distributed.shard(len(dataset))))
+        f, y = extract_features(encoder, self._loader(dataset, batch_size=batch_size), self.device,
+                                self.config.data.view, self.config.model.layout, projection=projection)
+        return distributed.gather_rows(f), distributed.gather_rows(y)
 
     def knn_monitor(self) -> dict:
         t = self.config.train
         encoder = self.model.encoder_q
-        feats = [extract_features(encoder, self._loader(ds, batch_size=max(t.batch_size, 128)), self.device,
-                                  self.config.data.view, self.config.model.layout, projection=True)
+        distributed.broadcast_buffers(encoder)  # rank 0's BN statistics (those in the checkpoint) everywhere
+        feats = [self._features(encoder, ds, max(t.batch_size, 128), projection=True)
                  for ds in (self.train_set, self.val_set)]
         acc = knn_accuracy(*feats[0], *feats[1], ks=t.knn_k, num_classes=self.train_set.num_classes, t=t.knn_t)
         return {f"knn@{k}": v for k, v in acc.items()}
@@ -196,9 +270,11 @@ class Trainer:
     def fit(self, max_steps: int | None = None) -> str:
         """Train to the configured number of epochs; returns "done", "stopped" (max_steps) or "interrupted"."""
         c, t = self.config, self.config.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
-        self.tb = _summary_writer(self.out / "tb")
+        self.tb = None
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+            self.tb = _summary_writer(self.out / "tb")
         # Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts at once.
         interrupted = threading.Event()
         previous = None
@@ -214,11 +290,11 @@ class Trainer:
                 lr = lr_at(c, epoch)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                order = self._order(epoch)[self.step_in_epoch * t.batch_size:self.steps_per_epoch * t.batch_size]
+                self.sampler.set_epoch(epoch, self.step_in_epoch)  # resumes mid-epoch at the same batch
                 bar = _progress(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch}/{t.epochs}", self.progress)
                 sums, count, start = {}, 0, time.perf_counter()
-                for x, _ in self._loader(self.train_set, order, drop_last=True):
-                    if interrupted.is_set():
+                for x, _ in self._loader(self.train_set, self.sampler, drop_last=True):
+                    if distributed.any_rank(interrupted.is_set(), self.device):
                         raise KeyboardInterrupt
                     if max_steps is not None and self.global_step >= max_steps:
                         bar.close()
@@ -247,15 +323,16 @@ class Trainer:
                     knn = self.knn_monitor()
                     self._log({"kind": "knn", "epoch": epoch, "global_step": self.global_step, **knn})
                     line += "  kNN " + " ".join(f"{k}={v:.1f}%" for k, v in knn.items())
-                print(line, flush=True)
+                distributed.print0(line, flush=True)
                 self.save()
                 if t.save_interval and epoch % t.save_interval == 0:
                     self.save(f"epoch{epoch}.pt")
         except KeyboardInterrupt:
             bar.close()
             path = self.save()
-            print(f"\ninterrupted at step {self.global_step}; saved {path}. Continue with: "
-                  f"python -m skelemix.train --config {self.out / 'config.yaml'} --resume", flush=True)
+            launcher = "torchrun ... " if self.world > 1 else "python "
+            distributed.print0(f"\ninterrupted at step {self.global_step}; saved {path}. Continue with: "
+                               f"{launcher}-m skelemix.train --config {self.out / 'config.yaml'} --resume", flush=True)
             return "interrupted"
         finally:
             if previous is not None:
@@ -349,20 +426,26 @@ def main(argv=None) -> int:
             out = Path(args.out or load_config().train.out)
             args.config = str(out / "config.yaml")
         config = load_config(args.config, _cli_overrides(args))
+        distributed.init(config.dist.backend, resolve_device(config.train.device))  # no-op without torchrun
         trainer = Trainer(config, progress=not args.no_progress)
         if args.resume:
             path = trainer.out / "checkpoints" / "last.pt" if args.resume == "last" else Path(args.resume)
             trainer.load(path)
-            print(f"resumed from {path}: epoch {trainer.epoch}, step {trainer.global_step}", flush=True)
+            distributed.print0(f"resumed from {path}: epoch {trainer.epoch}, step {trainer.global_step}", flush=True)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+        print(f"{prefix}error: {err}", file=sys.stderr)
+        return 2  # no collective teardown: the other ranks may not have failed; torchrun ends them
     n_params = sum(p.numel() for p in trainer.params)
-    print(f"pretraining {config.model.variant} on {config.data.root} ({len(trainer.train_set)} train / "
-          f"{len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable parameters, "
-          f"device {trainer.device}, impl {config.train.impl}, output {trainer.out}", flush=True)
+    distributed.print0(f"pretraining {config.model.variant} on {config.data.root} ({len(trainer.train_set)} train / "
+                       f"{len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable parameters, "
+                       f"device {trainer.device}, impl {config.train.impl}, output {trainer.out}\n"
+                       f"{describe_batch_and_lr(config, trainer.world)}", flush=True)
     start = time.perf_counter()
-    status = trainer.fit(max_steps=args.max_steps)
+    status = trainer.fit(max_steps=args.max_steps)  # an exception here ends this process; torchrun ends the others
+    distributed.cleanup()  # plots and the final linear evaluation below need no other rank
+    if trainer.rank != 0:
+        return 130 if status == "interrupted" else 0
     if status == "interrupted":
         return 130
     if status == "stopped":

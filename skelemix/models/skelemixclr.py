@@ -17,10 +17,10 @@ import copy
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..graph import Graph
 from ..mix import SkeleMix
 from .stgcn import STGCN, init_weights
@@ -31,15 +31,6 @@ VARIANTS = {
     "skelemixclr": dict(swap_params=((1, 4, 1, 15, 1, 1.0),), head="mlp"),
     "skelemixclr+": dict(swap_params=((2, 3, 7, 11, 3, 1.0),), head="mlp"),
 }
-
-
-def _gather_keys(keys: torch.Tensor) -> torch.Tensor:
-    """Keys from every rank (in rank order) so each rank enqueues the same global batch."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys
-    out = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, keys.contiguous())
-    return torch.cat(out)
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -62,6 +53,11 @@ class SkeleMixCLR(nn.Module):
         official_key_init: reproduce the official initialisation (encoder_k not a copy of encoder_q).
         mix: keyword arguments of :class:`~skelemix.mix.SkeleMix` besides ranges and block (``mode``,
             ``spatial_mode``, ``per_sample``, ``partner``, ``random_joints``).
+
+    Under torch.distributed (:mod:`skelemix.distributed`) every rank passes its share of the global batch:
+    the keys of all ranks are gathered and enqueued once, in rank order, so every rank keeps the same queue;
+    ``shuffle_key_bn = True`` runs the key encoder with MoCo's shuffled BN. SkeleMix partners are drawn
+    within each rank's batch.
     """
 
     def __init__(self, encoder: dict | None = None, feature_dim: int = 128, queue_size: int = 32768,
@@ -103,6 +99,7 @@ class SkeleMixCLR(nn.Module):
             self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         for p in self.encoder_k.parameters():
             p.requires_grad_(False)
+        self.shuffle_key_bn = False  # MoCo shuffled BN for encoder_k across ranks (a no-op with one process)
 
     @torch.no_grad()
     def _momentum_update(self):
@@ -112,10 +109,13 @@ class SkeleMixCLR(nn.Module):
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor):
-        keys = _gather_keys(keys)
+        keys = distributed.all_gather(keys)  # every rank's keys in rank order: the global batch
         n = keys.shape[0]
         if self.K % n:
-            raise ValueError(f"queue_size ({self.K}) must be a multiple of the global batch size ({n})")
+            w = distributed.world_size()
+            split = f" = {w} processes x {n // w}" if w > 1 else ""
+            raise ValueError(f"queue_size ({self.K}) must be a multiple of the global batch size ({n}{split}): "
+                             "the queue is filled one global batch of keys at a time")
         ptr = int(self.queue_ptr)
         self.queue[:, ptr:ptr + n] = keys.T
         self.queue_ptr[0] = (ptr + n) % self.K
@@ -154,7 +154,8 @@ class SkeleMixCLR(nn.Module):
                     for view in mixed]
         with torch.no_grad():
             self._momentum_update()
-            k = F.normalize(self.encoder_k(key), dim=1)
+            k = F.normalize(distributed.shuffled_forward(self.encoder_k, key, generator) if self.shuffle_key_bn
+                            else self.encoder_k(key), dim=1)
         queue = self.queue.clone().detach()
 
         loss = key.new_zeros(())

@@ -51,6 +51,9 @@ class FixedMix:
         region = self.mask.repeat_interleave(self.block, dim=1)[:, None, :, :, None]
         return types.SimpleNamespace(x=torch.where(region, x[partner], x), mask=self.mask, partner=partner)
 
+    def batches(self, x, repeats, generator=None):  # what SkeleMixCLR.forward calls: R mixes of one view
+        return [self(x, generator) for _ in range(repeats)]
+
 
 def _batches():
     g = torch.Generator().manual_seed(123)

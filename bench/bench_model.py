@@ -49,8 +49,9 @@ def test_encoder_fwd_bwd(benchmark, provider):
             shapes={"x": list(x.shape), "hidden": [16, 256]}, bytes=traffic, flops=flops)
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton"])
+@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cuda+bf16", "triton+bf16"])
 def test_training_step(benchmark, provider):
+    provider, _, amp = provider.partition("+")  # "+bf16": the encoders under bf16 autocast (train.amp=bf16)
     skip_unless_provider(provider)
     config = load_config("paper.yaml", [f"train.impl={_impl_of(provider)}"])
     model = make_pretrain_model(config).to(DEVICE)
@@ -64,7 +65,8 @@ def test_training_step(benchmark, provider):
     def step():
         q = pretrain_augment(x, config.data.shear, config.data.temporal_ratio, generator=generator)
         k = pretrain_augment(x, config.data.shear, config.data.temporal_ratio, generator=generator)
-        loss = model(q, k, generator=generator)["loss"]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = model(q, k, generator=generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -72,6 +74,6 @@ def test_training_step(benchmark, provider):
     enc = model.encoder_q
     fb_flops, fb_bytes = encoder_cost(enc, BATCH, T)
     f_flops, f_bytes = encoder_cost(enc, BATCH, T, backward=False)
-    measure(benchmark, step, group="model/SkeleMixCLR+ step", provider=provider,
+    measure(benchmark, step, group="model/SkeleMixCLR+ step", provider=provider + (f"+{amp}" if amp else ""),
             shapes={"x": list(x.shape), "mixes": repeats, "queue": config.model.queue_size},
             flops=(1 + repeats) * fb_flops + f_flops, bytes=(1 + repeats) * fb_bytes + f_bytes)

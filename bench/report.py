@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-ORDER = ("eager", "compile", "cpp", "cuda", "triton")
+ORDER = ("eager", "compile", "cpp", "cuda", "triton", "cuda+bf16", "triton+bf16")
 BASELINES = ("eager", "official-style")  # what "vs eager" divides by, first found
 
 

@@ -86,6 +86,12 @@ class TrainConfig:
     seed: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     impl: str = "auto"
+    # The fast path. data_placement "device": keep the training set on the device and index batches there
+    # (no DataLoader workers, no per-sample CPU work); "host": a DataLoader; "auto": device for a CUDA device
+    # when the data takes under half its free memory. amp: bf16 autocast of the encoders (none by default
+    # until GPU runs have validated it).
+    data_placement: str = "auto"  # auto | device | host
+    amp: str = "none"  # none | bf16
     out: str = "runs/pretrain"
     save_interval: int = 5  # epochs between kept checkpoints (the latest is always kept)
     knn_interval: int = 5  # epochs between kNN monitor runs (and at the last epoch); 0: off
@@ -128,6 +134,8 @@ _CHOICES = {
     "model.spatial_mode": SPATIAL_MODES,
     "model.partner": PARTNERS,
     "train.impl": IMPLS,
+    "train.data_placement": ("auto", "device", "host"),
+    "train.amp": ("none", "bf16"),
     "optim.name": ("sgd", "adamw"),
     "optim.lr_scaling": ("none", "linear"),
     "dist.backend": BACKENDS,

@@ -144,6 +144,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_set) // t.batch_size  # drop_last, as the official loader
         self.sampler = distributed.ResumableDistributedSampler(self.train_set, t.batch_size, self.world, self.rank,
                                                                seed=t.seed)
+        self.resident = self._make_resident()
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # completed steps of the current epoch
         self.global_step = 0
@@ -210,6 +211,32 @@ class Trainer:
         distributed.print0(f"note: the global batch changes from {old} to {new} at this epoch boundary", flush=True)
 
     # ----------------------------------------------------------------------------------------- loop
+    def _make_resident(self) -> torch.Tensor | None:
+        """The training arrays as one tensor on the device (``train.data_placement``), or None for a DataLoader."""
+        mode, ds = self.config.train.data_placement, self.train_set
+        if mode == "host" or not hasattr(ds, "data"):
+            return None
+        nbytes = len(ds) * int(np.prod(ds.data.shape[1:])) * 4
+        if mode == "auto":
+            if self.device.type != "cuda":
+                return None
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes > free // 2:
+                distributed.print0(f"note: the training set ({nbytes / 2**30:.1f} GiB) stays on the host: it "
+                                   f"needs more than half of the device's free memory ({free / 2**30:.1f} GiB)")
+                return None
+        return torch.from_numpy(np.asarray(ds.data[ds.indices], dtype=np.float32)).to(self.device)
+
+    def _train_batches(self):
+        """This rank's batches of the epoch set in ``self.sampler`` (from its start step), on the device."""
+        if self.resident is None:
+            for x, _ in self._loader(self.train_set, self.sampler, drop_last=True):
+                yield x.to(self.device, non_blocking=True)
+            return
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long, device=self.device)
+        for start in range(0, len(order) - self.local_batch + 1, self.local_batch):
+            yield self.resident[order[start:start + self.local_batch]]
+
     def _loader(self, dataset, sampler=None, batch_size=None, drop_last=False):
         t = self.config.train
         # Its own generator: creating an iterator would otherwise draw from the global RNG (a worker base
@@ -235,7 +262,8 @@ class Trainer:
         for _ in range(2):  # query, then key: independent augmentations of the same samples
             aug = pretrain_augment(x, c.data.shear, c.data.temporal_ratio, generator=self.generator)
             views.append(to_view(aug, c.data.view, c.model.layout))
-        out = self.net(views[0], views[1], generator=self.generator)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.train.amp == "bf16"):
+            out = self.net(views[0], views[1], generator=self.generator)
         # The logged values are means over the ranks (each rank's loss is the mean over its equal share), and
         # every rank sees them, so a non-finite loss on any rank stops all of them at the same step.
         parts = dict(zip(out, distributed.mean_over_ranks(torch.stack([v.detach().float() for v in out.values()]))
@@ -293,7 +321,7 @@ class Trainer:
                 self.sampler.set_epoch(epoch, self.step_in_epoch)  # resumes mid-epoch at the same batch
                 bar = _progress(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch}/{t.epochs}", self.progress)
                 sums, count, start = {}, 0, time.perf_counter()
-                for x, _ in self._loader(self.train_set, self.sampler, drop_last=True):
+                for x in self._train_batches():
                     if distributed.any_rank(interrupted.is_set(), self.device):
                         raise KeyboardInterrupt
                     if max_steps is not None and self.global_step >= max_steps:
@@ -439,7 +467,9 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in trainer.params)
     distributed.print0(f"pretraining {config.model.variant} on {config.data.root} ({len(trainer.train_set)} train / "
                        f"{len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable parameters, "
-                       f"device {trainer.device}, impl {config.train.impl}, output {trainer.out}\n"
+                       f"device {trainer.device}, impl {config.train.impl}, data "
+                       f"{'resident on the device' if trainer.resident is not None else 'through a DataLoader'}, "
+                       f"amp {config.train.amp}, output {trainer.out}\n"
                        f"{describe_batch_and_lr(config, trainer.world)}", flush=True)
     start = time.perf_counter()
     status = trainer.fit(max_steps=args.max_steps)  # an exception here ends this process; torchrun ends the others

@@ -149,16 +149,20 @@ class SkeleMixCLR(nn.Module):
         # per batch of N).
         mixed = [mixer.batches(q, int(row[4]), generator)
                  for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
-        q_feats = [F.normalize(self.encoder_q(q), dim=1) for q in queries]
-        pc_feats = [[tuple(F.normalize(f, dim=1) for f in self.encoder_q(mb.x, mb.mask)) for mb in view]
-                    for view in mixed]
+        q_feats = [_unit(self.encoder_q(q)) for q in queries]
+        pc_feats = [[tuple(_unit(f) for f in self.encoder_q(mb.x, mb.mask)) for mb in view] for view in mixed]
         with torch.no_grad():
             self._momentum_update()
-            k = F.normalize(distributed.shuffled_forward(self.encoder_k, key, generator) if self.shuffle_key_bn
-                            else self.encoder_k(key), dim=1)
+            k = _unit(distributed.shuffled_forward(self.encoder_k, key, generator) if self.shuffle_key_bn
+                      else self.encoder_k(key))
         queue = self.queue.clone().detach()
+        # The logits and losses in float32 even under autocast: bf16 logits of size 1/T = 5 are off by ~0.03.
+        with torch.autocast(key.device.type, enabled=False):
+            return self._losses(q_feats, pc_feats, mixed, k, queue, weights)
 
-        loss = key.new_zeros(())
+    def _losses(self, q_feats, pc_feats, mixed, k, queue, weights) -> dict:
+        """The instance and regional contrastive terms from unit features; enqueues the keys."""
+        loss = k.new_zeros(())
         terms = {"ins": [], "p": [], "c": []}
         acc = []
         for w, q in zip(weights, q_feats):
@@ -184,11 +188,16 @@ class SkeleMixCLR(nn.Module):
             loss = loss + w * self.alpha * total
 
         self._enqueue(k)
-        nan = key.new_full((), float("nan"))
+        nan = k.new_full((), float("nan"))
         out = {f"loss_{name}": torch.stack(v).mean() if v else nan for name, v in terms.items()}
         out["loss"] = loss
         out["acc_ins"] = torch.stack(acc).mean()
         return out
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalised features in float32 or wider (encoders may run in bf16 under autocast)."""
+    return F.normalize(features.to(torch.promote_types(features.dtype, torch.float32)), dim=1)
 
 
 def build_pretrain_model(variant: str = "skelemixclr+", **kwargs) -> SkeleMixCLR:

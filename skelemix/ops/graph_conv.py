@@ -105,6 +105,10 @@ def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             raise TypeError(f"skelemix.ops.graph_conv: {name} must be a tensor; got {type(t).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"skelemix.ops.graph_conv: bias must be a tensor or None; got {type(bias).__name__}")
+    if torch.is_autocast_enabled(x.device.type):  # custom ops get no autocast casts: run in its dtype
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight, A = x.to(dtype), weight.to(dtype), A.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     for ok, exc, message in _forward_checks(x, weight, bias, A):
         if not ok:
             raise exc(f"skelemix.ops.graph_conv: {message()}")

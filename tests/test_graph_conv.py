@@ -155,6 +155,50 @@ def test_stgcn_encoder_cpp_matches_eager():
 
 
 @needs_cpp
+def test_skelemixclr_plus_training_step_cpp_matches_eager():
+    """One whole SkeleMixCLR+ training step (query and 3 mixed batches through encoder_q, the key through
+    encoder_k, all three fused ops, SGD with momentum, momentum update, enqueue) with impl="cpp" against
+    impl="eager": same initial weights (same seed), same batch, same mixing and dropout draws.
+
+    Run in float64 for the reason given in test_stgcn_encoder_cpp_matches_eager: in float32 a pre-ReLU value
+    within round-off of 0 can land on the other side of the kink in one of the two runs, which moves its
+    gradient by O(1) (and, through the BatchNorms, every gradient below it) whichever op is right."""
+    from skelemix.models import SkeleMixCLR
+
+    cfg = dict(feature_dim=8, queue_size=64, swap_params=((2, 3, 2, 3, 3, 1.0),))  # repeat 3: SkeleMixCLR+
+    x = torch.randn(4, 3, 16, 25, 2, dtype=torch.float64)
+    key = x + 0.01 * torch.randn_like(x)
+    results = {}
+    for impl in ("eager", "cpp"):
+        torch.manual_seed(0)
+        model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16, dropout=0.5, impl=impl), **cfg).double()
+        with torch.no_grad():  # move the edge importances off 1 so every A differs
+            for name, p in model.encoder_q.named_parameters():
+                if name.endswith("edge_importance"):
+                    p.add_(torch.rand_like(p) * 0.5)
+        optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=0.1, momentum=0.9)
+        torch.manual_seed(1)  # the same dropout draws
+        out = model(x, key, generator=torch.Generator().manual_seed(1))
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.encoder_q.named_parameters()}
+        optimizer.step()
+        params = {n: p.detach().clone() for n, p in model.encoder_q.named_parameters()}
+        results[impl] = (out, grads, params, model.queue.clone())
+    (e_out, e_grads, e_params, e_queue), (c_out, c_grads, c_params, c_queue) = results["eager"], results["cpp"]
+    for name in ("loss", "loss_ins", "loss_p", "loss_c"):
+        close(c_out[name], e_out[name], torch.float64, name)
+    assert c_grads.keys() == e_grads.keys()
+    # atol relative to the largest gradient (a conv bias right before a BatchNorm has a true gradient of 0).
+    scale = max(g.abs().max().item() for g in e_grads.values())
+    assert scale > 0
+    for name, g in e_grads.items():
+        assert_close_verbose(c_grads[name], g, 1e-9, 1e-11 * scale, name=f"grad {name}")
+    for name, p in e_params.items():  # one SGD step of lr 0.1: at most lr x the gradient tolerance apart
+        assert_close_verbose(c_params[name], p, 1e-9, 0.1 * 1e-11 * scale, name=f"updated {name}")
+    close(c_queue, e_queue, torch.float64, "queue")
+
+
+@needs_cpp
 @pytest.mark.parametrize("wanted", [w for w in range(1, 16)], ids=lambda w: "+".join(
     n for i, n in enumerate(NAMES) if w >> i & 1))
 def test_every_subset_of_requires_grad(wanted):

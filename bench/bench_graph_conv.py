@@ -1,6 +1,7 @@
-"""graph_conv at the ten graph convolutions of the paper's ST-GCN encoder (hidden 16, out 256, K=3, V=25,
-T=64 input frames), forward and forward+backward (all four gradients, as in training: the edge importance is
-trained), per provider; plus the whole encoder forward+backward with impl=eager and impl=cpp.
+"""graph_conv at the distinct graph convolutions of the paper's ST-GCN encoder (hidden 16, out 256, K=3, V=25,
+T=64 input frames; the ten layers have seven distinct shapes), forward and forward+backward (all four
+gradients, as in training: the edge importance is trained), per provider. The whole encoder is in
+bench_model.py.
 
 Batch: ``bench.common.BATCH`` samples of 2 bodies (16 on the CPU, 128 on a GPU). The torch.compile provider
 is marked ``slow`` (deselect with ``-m "not slow"``, or set SKELEMIX_BENCH_COMPILE=0): its cold compile takes
@@ -14,7 +15,8 @@ from skelemix import ops, reference
 from skelemix.models.stgcn import STGCN
 
 FRAMES, M = 64, 2
-PROVIDERS = ["eager", pytest.param("compile", marks=pytest.mark.slow), "cpp", "cuda"]
+PROVIDERS = ["eager", pytest.param("compile", marks=pytest.mark.slow), "cpp", "cuda", "triton"]
+_COMPILED = torch.compile(reference.graph_conv)  # one compiled function: later shapes reuse its cache
 
 
 def layer_shapes(frames: int = FRAMES):
@@ -24,7 +26,9 @@ def layer_shapes(frames: int = FRAMES):
     K, V = model.A.shape[0], model.A.shape[1]
     shapes, t = [], frames
     for block in model.blocks:
-        shapes.append((block.gcn.conv.in_channels, block.gcn.conv.out_channels // K, t, K, V))
+        shape = (block.gcn.conv.in_channels, block.gcn.conv.out_channels // K, t, K, V)
+        if shape not in shapes:
+            shapes.append(shape)
         t = -(-t // block.stride)
     return shapes
 
@@ -34,7 +38,7 @@ LAYERS = layer_shapes()
 
 def _fn(provider):
     if provider == "compile":
-        return torch.compile(reference.graph_conv)
+        return _COMPILED
     impl = "eager" if provider == "eager" else provider
 
     def fn(x, weight, bias, A):
@@ -72,24 +76,6 @@ def test_graph_conv(benchmark, provider, layer, mode):
     flops = 2 * B * T * V * K * c_out * (c_in + V) * (3 if backward else 1)
     y_bytes = B * c_out * T * V * 4
     traffic = numbytes(x, weight, bias, A) + y_bytes + (numbytes(x, weight, bias, A) + 2 * y_bytes if backward else 0)
-    measure(benchmark, step, group=f"op/graph_conv layer {layer} {c_in}->{c_out} T={T} {mode}", provider=provider,
+    measure(benchmark, step, group=f"op/graph_conv {c_in}->{c_out} T={T} {mode}", provider=provider,
             shapes={"x": list(x.shape), "weight": list(weight.shape), "A": list(A.shape)}, bytes=traffic,
             flops=flops)
-
-
-@pytest.mark.parametrize("provider", ["eager", "cpp", "cuda"])
-def test_encoder_graph_conv_impl_fwd_bwd(benchmark, provider):
-    """The whole encoder (paper widths) forward+backward with only the fused ops' impl changed; both use the
-    same weights and input."""
-    skip_unless_provider(provider, "graph_conv")
-    skip_unless_provider(provider, "mask_pool")
-    torch.manual_seed(0)
-    encoder = STGCN(hidden_channels=16, hidden_dim=256, dropout=0.5, impl=provider).to(DEVICE)
-    x = torch.randn(BATCH, 3, FRAMES, 25, M, device=DEVICE)
-
-    def step():
-        encoder.zero_grad(set_to_none=True)
-        encoder(x).square().mean().backward()
-
-    measure(benchmark, step, group="model/encoder fwd+bwd (graph_conv impl)", provider=provider,
-            shapes={"x": list(x.shape), "hidden": [16, 256]})

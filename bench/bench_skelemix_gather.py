@@ -1,95 +1,48 @@
-"""Benchmark of skelemix_gather: eager reference vs the C++ kernels, at the paper's and a small shape.
+"""skelemix_gather: the R = 3 mixed batches of a SkeleMixCLR+ view in one call, at the paper's batch (128 x 3
+x 64 x 25 x 2, block 4), with one region for the batch (the official draw) and one per sample. Forward only.
 
-    pytest bench/bench_skelemix_gather.py --benchmark-only [--benchmark-json out.json]
-
-Throughput is ``GB/s = (bytes read + bytes written) / median time``, counting one read of x per output
-element plus the output and mask writes (2 * mixed bytes + mask bytes); the index inputs are negligible.
-
-CPU threads: ``SKELEMIX_BENCH_THREADS`` (default 1). On the shared 2-core development machine two threads
-made the medians swing 10-100x (a parallel region waits for a descheduled thread), one thread is stable.
-Providers: ``eager`` (the reference), ``eager+compile`` (``torch.compile`` of it; compiled in the warm-up
-rounds), ``cpp``, and on a GPU ``cuda``.
+GB/s counts one read of x per output element plus the output and mask writes (the index inputs are
+negligible).
 """
-import os
-import platform
-
 import pytest
 import torch
 
-from skelemix import _extension, reference
-from skelemix.ops import skelemix_gather
+from bench.common import DEVICE, measure, skip_unless_provider
+from skelemix import ops, reference
 
-# (name, N, C, T, V, M, R, per_sample); block = 4, the encoder's temporal stride.
-SHAPES = [
-    ("paper", 128, 3, 64, 25, 2, 3, False),  # SkeleMixCLR+: batch 128, 3 repeats of a view
-    ("paper_per_sample", 128, 3, 64, 25, 2, 3, True),
-    ("small", 16, 3, 64, 25, 2, 3, False),  # batch 16, the size of the CPU demo step
-]
-BLOCK = 4
-_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-PROVIDERS = [
-    ("eager", "cpu"),
-    ("eager+compile", "cpu"),
-    ("cpp", "cpu"),
-    pytest.param("eager", "cuda", marks=_cuda),
-    pytest.param("eager+compile", "cuda", marks=_cuda),
-    pytest.param("cuda", "cuda", marks=_cuda),
-]
-_compiled = torch.compile(reference.skelemix_gather)
+N, C, T, V, M, R, BLOCK = 128, 3, 64, 25, 2, 3, 4
+_COMPILED = torch.compile(reference.skelemix_gather)
 
 
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("SKELEMIX_BENCH_THREADS", "1")))
-    yield torch.get_num_threads()
-    torch.set_num_threads(before)
-
-
-def make_inputs(N, C, T, V, M, R, per_sample, device, dtype):
+def make_inputs(per_sample: bool):
     g = torch.Generator().manual_seed(0)
     blocks, G = T // BLOCK, N if per_sample else 1
-    x = torch.randn(N, C, T, V, M, generator=g, dtype=dtype).to(device)
-    partner = ((torch.arange(N) + torch.randint(1, N, (R, 1), generator=g)) % N).to(device)
-    joints = (torch.rand(R, G, V, generator=g) < 0.5).to(device)
+    x = torch.randn(N, C, T, V, M, generator=g)
+    partner = (torch.arange(N) + torch.randint(1, N, (R, 1), generator=g)) % N
+    joints = torch.rand(R, G, V, generator=g) < 0.5
     length = torch.randint(7, 12, (R, G), generator=g)
     start = (torch.rand(R, G, generator=g) * (blocks - length + 1)).long()
-    span = torch.stack((start, start + length), dim=-1).to(device)
-    return x, partner, joints, span
+    span = torch.stack((start, start + length), dim=-1)
+    return [t.to(DEVICE) for t in (x, partner, joints, span)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32], ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
-@pytest.mark.parametrize("provider, device", PROVIDERS)
-def test_skelemix_gather(benchmark, threads, provider, device, shape, dtype):
-    name, N, C, T, V, M, R, per_sample = shape
-    if provider in ("cpp", "cuda"):
-        ok, why = _extension.available(provider)
-        if not ok:
-            pytest.skip(why)
-    x, partner, joints, span = make_inputs(N, C, T, V, M, R, per_sample, device, dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def run():
-        # The eager provider is the oracle itself (no wrapper checks), as SkeleMix used it before the kernel.
-        if provider == "eager":
-            out = reference.skelemix_gather(x, partner, joints, span, BLOCK)
-        elif provider == "eager+compile":
-            out = _compiled(x, partner, joints, span, BLOCK)
-        else:
-            out = skelemix_gather(x, partner, joints, span, BLOCK, impl=provider)
-        sync()
-        return out
-
-    benchmark.group = f"skelemix_gather {name} {device} {str(dtype).replace('torch.', '')} fwd"
-    mixed, mask = benchmark.pedantic(run, rounds=30, iterations=1, warmup_rounds=3)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared-region", "per-sample"])
+@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton"])
+def test_skelemix_gather(benchmark, provider, per_sample):
+    skip_unless_provider(provider, "skelemix_gather")
+    x, partner, joints, span = make_inputs(per_sample)
+    if provider == "eager":  # the oracle itself, as SkeleMix ran before the kernels
+        def run():
+            return reference.skelemix_gather(x, partner, joints, span, BLOCK)
+    elif provider == "compile":
+        def run():
+            return _COMPILED(x, partner, joints, span, BLOCK)
+    else:
+        def run():
+            return ops.skelemix_gather(x, partner, joints, span, BLOCK, impl=provider)
+    mixed, mask = run()
     expected = reference.skelemix_gather(x, partner, joints, span, BLOCK)
     assert torch.equal(mixed, expected[0]) and torch.equal(mask, expected[1])
-    moved = 2 * mixed.numel() * mixed.element_size() + mask.numel()
-    median = benchmark.stats.stats.median
-    benchmark.extra_info.update({
-        "shape": f"N={N} C={C} T={T} V={V} M={M} R={R} G={N if per_sample else 1} block={BLOCK}",
-        "bytes": moved, "GB/s": round(moved / median / 1e9, 2), "threads": threads,
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-    })
+    measure(benchmark, run, group=f"op/skelemix_gather R={R} {'per-sample' if per_sample else 'shared'} region",
+            provider=provider, shapes={"x": list(x.shape), "R": R, "block": BLOCK},
+            bytes=2 * mixed.numel() * mixed.element_size() + mask.numel())

@@ -295,7 +295,8 @@ def test_non_tensor_arguments():
 # ----------------------------------------------------------------------------------------- impl selection
 
 
-def test_impl_triton_on_cpu_raises():
+def test_impl_triton_on_cpu_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors need Triton's interpreter (tests/test_triton.py)
     with pytest.raises((NotImplementedError, RuntimeError, ValueError), match=r"impl='triton'"):
         skelemix_gather(*args_with(), impl="triton")
 

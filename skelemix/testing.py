@@ -55,6 +55,25 @@ def sample_inputs_mask_pool(device="cpu", dtype=torch.float32, requires_grad=Fal
     ]
 
 
+def poison_allocator(numel: int, dtype: torch.dtype, device) -> None:
+    """Free a NaN-filled block of an output's size just before an op allocates that output. The CUDA caching
+    allocator hands the block to the op's next allocation (glibc malloc often does for mid-sized blocks), so a
+    kernel that skips elements shows NaNs. Random, NaN-free inputs compared with the reference catch the rest."""
+    block = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
+    del block
+
+
+def require_impl(impl: str) -> None:
+    """Skip the calling test when implementation ``impl`` cannot run here, saying why."""
+    import pytest
+
+    from . import _extension
+
+    ok, why = _extension.available(impl)
+    if not ok:
+        pytest.skip(f"impl={impl!r} unavailable: {why}")
+
+
 def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, name: str = "",
                          max_report: int = 5) -> None:
     """Like ``torch.testing.assert_close`` (NaNs never match) but lists the first mismatching indices."""

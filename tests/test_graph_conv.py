@@ -10,7 +10,7 @@ import torch
 from skelemix import _extension, reference
 from skelemix.models.stgcn import STGCN, init_weights
 from skelemix.ops import graph_conv
-from skelemix.testing import assert_close_verbose, sample_inputs_graph_conv, tolerances
+from skelemix.testing import assert_close_verbose, poison_allocator, require_impl, sample_inputs_graph_conv, tolerances
 
 graph_conv_module = importlib.import_module("skelemix.ops.graph_conv")  # the attribute is the function
 
@@ -19,21 +19,7 @@ IMPL_OF = {"cpu": "cpp", "cuda": "cuda"}
 NAMES = ("x", "weight", "bias", "A")
 
 
-def require(impl):
-    ok, why = _extension.available(impl)
-    if not ok:
-        pytest.skip(f"impl={impl!r} unavailable: {why}")
-
-
 needs_cpp = pytest.mark.skipif(not _extension.HAS_CPP, reason=f"C++ ops not loaded: {_extension.LOAD_ERROR}")
-
-
-def poison_allocator(numel, dtype, device):
-    """Free a NaN-filled block of the output's size, so an allocator that hands it to the op's next allocation
-    exposes unwritten elements as NaN (the CUDA caching allocator does; glibc malloc often does for small
-    blocks). Random, NaN-free inputs compared with the reference catch the rest."""
-    block = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
-    del block
 
 
 def close(actual, expected, dtype, name):
@@ -63,7 +49,7 @@ def test_uses_both_contraction_orders():
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_and_grads_match_reference(device, dtype):
     impl = IMPL_OF[device]
-    require(impl)
+    require_impl(impl)
     for name, args in sample_inputs_graph_conv(device, dtype, requires_grad=True):
         x, weight, _, A = args
         expected = reference.graph_conv(*args)
@@ -88,7 +74,7 @@ def test_low_precision_error_at_most_twice_eager(device, dtype):
     """FlashAttention's rule: against a float64 oracle, the kernel's error is at most twice the error of the
     eager reference run in the same dtype, plus atol."""
     impl = IMPL_OF[device]
-    require(impl)
+    require_impl(impl)
     _, atol = tolerances(dtype)
     for name, args in sample_inputs_graph_conv(device, dtype, requires_grad=True):
         if args[0].numel() == 0:
@@ -252,7 +238,7 @@ def test_empty_batch_gives_zero_parameter_grads():
 @pytest.mark.needs_cuda
 def test_cuda_runs_on_current_stream():
     device, impl = "cuda", "cuda"
-    require(impl)
+    require_impl(impl)
     args = sample_inputs_graph_conv(device, torch.float32)[0].args
     x = args[0].repeat(64, 1, 1, 1)
     stream = torch.cuda.Stream()
@@ -296,7 +282,7 @@ def test_double_backward_raises():
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, requires_grad):
-    require(IMPL_OF[device])
+    require_impl(IMPL_OF[device])
     for name, args in sample_inputs_graph_conv(device, torch.float32, requires_grad=requires_grad):
         torch.library.opcheck(torch.ops.skelemix.graph_conv.default, args)
         x, weight, bias, A = (a.detach() if a is not None else None for a in args)

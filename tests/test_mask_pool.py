@@ -7,7 +7,7 @@ import torch
 
 from skelemix import _extension, reference
 from skelemix.ops import mask_pool
-from skelemix.testing import assert_close_verbose, sample_inputs_mask_pool, tolerances
+from skelemix.testing import assert_close_verbose, poison_allocator, require_impl, sample_inputs_mask_pool, tolerances
 
 mask_pool_module = importlib.import_module("skelemix.ops.mask_pool")  # the attribute is the function
 
@@ -16,21 +16,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 IMPL_OF = {"cpu": "cpp", "cuda": "cuda"}
 
 
-def require(impl):
-    ok, why = _extension.available(impl)
-    if not ok:
-        pytest.skip(f"impl={impl!r} unavailable: {why}")
-
-
 needs_cpp = pytest.mark.skipif(not _extension.HAS_CPP, reason=f"C++ ops not loaded: {_extension.LOAD_ERROR}")
-
-
-def poison_allocator(numel, dtype, device):
-    """Free a NaN-filled block of the output's size. On CUDA the caching allocator hands that block to the op's
-    next allocation, so a kernel that skips elements shows NaNs. (The CPU allocator does not reuse it; there the
-    comparison of random, NaN-free inputs against the reference is what catches unwritten elements.)"""
-    block = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
-    del block
 
 
 def test_ci_requires_cpp():
@@ -54,7 +40,7 @@ def test_ci_requires_cuda_build():
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_matches_reference(device, dtype):
     impl = IMPL_OF[device]
-    require(impl)
+    require_impl(impl)
     rtol, atol = tolerances(dtype)
     for name, (x, mask) in sample_inputs_mask_pool(device, dtype):
         poison_allocator(x.shape[0] * 2 * x.shape[1], dtype, device)
@@ -66,7 +52,7 @@ def test_forward_matches_reference(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_matches_reference(device, dtype):
     impl = IMPL_OF[device]
-    require(impl)
+    require_impl(impl)
     rtol, atol = tolerances(dtype)
     for name, (x, mask) in sample_inputs_mask_pool(device, dtype, requires_grad=True):
         B, C = x.shape[:2]
@@ -83,7 +69,7 @@ def test_backward_matches_reference(device, dtype):
 def test_cuda_runs_on_current_stream():
     """The kernels must run on the current stream (extension-cpp's reduce-overhead bug)."""
     device, impl = "cuda", "cuda"
-    require(impl)
+    require_impl(impl)
     x, mask = sample_inputs_mask_pool(device, torch.float32)[1].args
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -113,7 +99,7 @@ def test_gradcheck_and_gradgradcheck():
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device, requires_grad):
-    require(IMPL_OF[device])
+    require_impl(IMPL_OF[device])
     for name, (x, mask) in sample_inputs_mask_pool(device, torch.float32, requires_grad=requires_grad):
         torch.library.opcheck(torch.ops.skelemix.mask_pool.default, (x, mask))
         grad = torch.randn(x.shape[0], 2, x.shape[1], device=device, requires_grad=requires_grad)

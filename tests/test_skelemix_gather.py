@@ -9,7 +9,7 @@ import torch
 
 from skelemix import _extension, reference
 from skelemix.ops import skelemix_gather
-from skelemix.testing import sample_inputs_skelemix_gather
+from skelemix.testing import poison_allocator, require_impl, sample_inputs_skelemix_gather
 
 gather_module = importlib.import_module("skelemix.ops.skelemix_gather")  # the attribute is the function
 
@@ -19,21 +19,7 @@ IMPL_OF = {"cpu": "cpp", "cuda": "cuda"}
 BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def require(impl):
-    ok, why = _extension.available(impl)
-    if not ok:
-        pytest.skip(f"impl={impl!r} unavailable: {why}")
-
-
 needs_cpp = pytest.mark.skipif(not _extension.HAS_CPP, reason=f"C++ ops not loaded: {_extension.LOAD_ERROR}")
-
-
-def poison_allocator(numel, dtype, device):
-    """Free a NaN-filled block of the output's size, which the allocator tends to hand to the op's output (always
-    on CUDA; on CPU glibc reuses mid-sized blocks), so an unwritten element shows up as NaN. The exact comparison
-    with the reference on NaN-free inputs is what catches it either way."""
-    block = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
-    del block
 
 
 def assert_bitwise_equal(actual, expected, name):
@@ -63,7 +49,7 @@ def check_against_reference(args, impl, name):
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_matches_reference(device, dtype):
     impl = IMPL_OF[device]
-    require(impl)
+    require_impl(impl)
     for name, args in sample_inputs_skelemix_gather(device, dtype):
         check_against_reference(args, impl, name)
 
@@ -85,7 +71,7 @@ def test_cpu_threads_split_the_rows():
 @pytest.mark.parametrize("device", DEVICES)
 def test_copies_bits_exactly(device):
     """NaN payloads, -0 and infinities pass through unchanged: the kernels move raw bits."""
-    require(IMPL_OF[device])
+    require_impl(IMPL_OF[device])
     for dtype in DTYPES:
         x = torch.randn(3, 2, 6, 25, 2, device=device, dtype=dtype)
         bits = x.view(BITS[x.element_size()])
@@ -139,7 +125,7 @@ def test_g1_shorthand(impl):
 @pytest.mark.needs_cuda
 def test_cuda_runs_on_current_stream():
     """The kernel must run on the current stream (extension-cpp's reduce-overhead bug)."""
-    require("cuda")
+    require_impl("cuda")
     x, partner, joints, span, block = sample_inputs_skelemix_gather("cuda")[0].args
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -157,7 +143,7 @@ def test_cuda_runs_on_current_stream():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
-    require(IMPL_OF[device])
+    require_impl(IMPL_OF[device])
     for name, args in sample_inputs_skelemix_gather(device, torch.float32):
         torch.library.opcheck(torch.ops.skelemix.skelemix_gather.default, args)
 
@@ -279,7 +265,7 @@ def test_value_errors(changes, match, impl):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("changes, match", BAD_VALUES[:3])
 def test_value_errors_cuda(changes, match):
-    require("cuda")
+    require_impl("cuda")
     args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args_with(**changes)]
     with pytest.raises(ValueError, match=r"skelemix::skelemix_gather: .*" + match):
         torch.ops.skelemix.skelemix_gather(*args)

@@ -16,6 +16,7 @@ single-process runs are bitwise unchanged. Conventions:
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from datetime import timedelta
@@ -79,8 +80,12 @@ def init(backend: str = "auto", device: torch.device | None = None) -> torch.dev
 
 
 def cleanup():
-    """Leave the process group, together: gloo can abort a process that tears down while a peer still talks."""
+    """Leave the process group, together: gloo can abort a process that tears down while a peer still talks.
+    Unreachable DistributedDataParallel wrappers (they sit in reference cycles) are collected first: freed
+    later, during interpreter shutdown, they tore gloo down after the group was gone and the process aborted
+    with "terminate called without an active exception" (about 1 in 20 CPU runs)."""
     if is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 

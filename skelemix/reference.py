@@ -83,3 +83,89 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
     region = mask.repeat_interleave(block, dim=2)[:, :, :T]  # (R, N, T, V) at frame resolution
     mixed = torch.where(region[:, :, None, :, :, None], x[partner], x[None])
     return mixed.reshape(R * N, *x.shape[1:]), mask
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """``a * c mod 2**32`` for ``a`` in ``[0, 2**32)`` held in int64, without int64 overflow."""
+    return (a * (c & 0xFFFF) + (((a * (c >> 16)) & 0xFFFF) << 16)) & _U32
+
+
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64-held uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is kept when its 32-bit hash is ``>= dropout_threshold(p)`` (``P(keep) = 1 - p``)."""
+    return min(int(p * 4294967296.0), _U32)
+
+
+def dropout_keep(seed: torch.Tensor, shape, p: float) -> torch.Tensor:
+    """The counter-based dropout mask of :func:`bn_epilogue`: bool, ``shape``, True = kept.
+
+    Element ``i`` (flat row-major index) is kept iff ``h(i) >= dropout_threshold(p)`` with
+    ``k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF`` and
+    ``h(i) = fmix32(fmix32((i mod 2**32) ^ k0) ^ ((i >> 32) + k1 mod 2**32))``. Every kernel regenerates the
+    mask from ``(seed, i)`` instead of storing it, so the backward needs no mask tensor.
+    """
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    seed = seed.reshape(()).to(torch.int64)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    i = torch.arange(numel, device=seed.device, dtype=torch.int64)
+    h = _fmix32(_fmix32((i & _U32) ^ k0) ^ (((i >> 32) + k1) & _U32))
+    return (h >= dropout_threshold(p)).reshape(shape)
+
+
+def bn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                stats_mean: torch.Tensor | None, stats_var: torch.Tensor | None, seed: torch.Tensor, eps: float,
+                p: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm, dropout, residual add and ReLU after a convolution, in one op (REFERENCE.md 2.2, "tcn").
+
+    ``y = relu(dropout_p(batch_norm(x)) + residual)``, each stage optional, with the arithmetic done in the
+    accumulation dtype ``acc`` (float64 for float64 ``x``, else float32) and one rounding to ``x.dtype``:
+
+    - ``a = weight * rsqrt(var + eps)``, ``pre = (x - mean) * a + bias`` per channel (dim 1);
+    - with ``p > 0``: ``pre * keep * (1 / (1 - p))``, ``keep = dropout_keep(seed, x.shape, p)``;
+    - ``+ residual``; ``relu`` clamps at 0.
+
+    Args:
+        x: ``(N, C, *)`` floating (float32, float64, float16 or bfloat16).
+        weight, bias: ``(C,)`` in ``acc``.
+        residual: ``x``'s shape and dtype, or None.
+        stats_mean, stats_var: ``(C,)`` in ``acc``, fixed statistics (evaluation mode; not differentiated);
+            both None: the batch statistics of ``x`` over every dim but 1 (training mode), through which the
+            gradient flows as in ``nn.BatchNorm``.
+        seed: int64 tensor of one element on ``x``'s device (read only when ``p > 0``).
+        eps: added to the variance. p: dropout probability in ``[0, 1)``. relu: apply the ReLU.
+
+    Returns:
+        ``(y, mean, var)``: ``y`` in ``x``'s dtype; in training mode the batch mean and biased variance
+        (``acc``, for the running statistics; not differentiable), else two empty ``(0,)`` tensors.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if stats_mean is None:
+        var, mean = torch.var_mean(xf, dim=[0, *range(2, x.dim())], correction=0)
+    else:
+        mean, var = stats_mean.detach(), stats_var.detach()
+    a = weight * torch.rsqrt(var + eps)
+    out = (xf - mean.view(shape)) * a.view(shape) + bias.view(shape)
+    if p > 0:
+        out = out * (dropout_keep(seed, x.shape, p).to(acc) * (1.0 / (1.0 - p)))
+    if residual is not None:
+        out = out + residual.to(acc)
+    if relu:
+        out = torch.relu(out)
+    if stats_mean is not None:
+        mean = var = xf.new_empty((0,))
+    return out.to(x.dtype), mean.detach(), var.detach()

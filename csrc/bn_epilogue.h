@@ -1,0 +1,56 @@
+// skelemix::bn_epilogue: BatchNorm, dropout, residual add and ReLU in one pass (skelemix.reference.bn_epilogue).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+
+namespace skelemix {
+
+// Backward, with invstd = rsqrt(var + eps), a = weight * invstd, xhat = (x - mean) * invstd, d = keep / (1 - p)
+// (1 when p == 0), n = numel / C and sums over every element of channel c:
+//   gu = relu ? (y > 0 ? grad : 0) : grad;   grad_residual = gu;   gp = gu * d;
+//   grad_bias[c] = sum gp;   grad_weight[c] = sum gp * xhat;
+//   grad_x = batch_stats ? a * (gp - grad_bias / n - xhat * grad_weight / n) : a * gp.
+
+// Caller-error checks with readable messages, run by every backend before touching data.
+void check_bn_epilogue_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                            const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& stats_mean,
+                            const c10::optional<at::Tensor>& stats_var, const at::Tensor& seed, double eps, double p);
+void check_bn_epilogue_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
+                                     const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
+                                     const at::Tensor& seed, double eps, double p);
+
+// The accumulation dtype of x: float64 for float64, float32 otherwise (weight, bias and statistics use it).
+at::ScalarType bn_epilogue_acc_type(const at::Tensor& x);
+
+// Batch statistics over every dim but 1, in the accumulation dtype: (mean, biased var).
+std::tuple<at::Tensor, at::Tensor> bn_epilogue_batch_stats(const at::Tensor& x);
+
+// The counter-based dropout hash shared by every kernel (skelemix.reference.dropout_keep): element i is kept iff
+// dropout_hash(i, k0, k1) >= dropout_threshold(p), with k0/k1 the low/high 32 bits of the seed.
+inline uint32_t dropout_threshold(double p) {
+  const double t = p * 4294967296.0;
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+#if defined(__CUDACC__)
+#define SKELEMIX_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define SKELEMIX_HOST_DEVICE inline
+#endif
+
+SKELEMIX_HOST_DEVICE uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+SKELEMIX_HOST_DEVICE uint32_t dropout_hash(uint64_t i, uint32_t k0, uint32_t k1) {
+  return fmix32(fmix32(static_cast<uint32_t>(i) ^ k0) ^ (static_cast<uint32_t>(i >> 32) + k1));
+}
+
+}  // namespace skelemix

@@ -179,3 +179,38 @@ def sample_inputs_graph_conv(device="cpu", dtype=torch.float32, requires_grad=Fa
         Sample("mixed_requires_grad", (t(2, 5, 7, 25), t(3 * 9, 5, grad=False), t(3 * 9, grad=False),
                                        adjacency(3, 25))),
     ]
+
+
+def sample_inputs_bn_epilogue(device="cpu", dtype=torch.float32, requires_grad=False) -> list[Sample]:
+    """Varied ``(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)`` cases for
+    :func:`skelemix.ops.bn_epilogue`, freshly drawn from the global RNG: batch and fixed statistics, with and
+    without dropout, residual and ReLU, 3-D to 5-D, odd sizes, one channel, a non-contiguous ``x``, an empty batch."""
+    device = torch.device(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def t(*shape, kind="randn", dt=dtype):
+        v = torch.randn(*shape, device=device, dtype=dt) if kind == "randn" else \
+            torch.rand(*shape, device=device, dtype=dt) + 0.5
+        return v.requires_grad_(requires_grad)
+
+    def case(shape, residual=False, stats=False, p=0.0, relu=True, x=None):
+        C = shape[1]
+        x = t(*shape) if x is None else x
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+        fixed = (torch.randn(C, device=device, dtype=acc), torch.rand(C, device=device, dtype=acc) + 0.5) \
+            if stats else (None, None)
+        return (x, t(C, kind="rand", dt=acc), t(C, dt=acc), t(*shape) if residual else None, *fixed, seed, 1e-5,
+                p, relu)
+
+    x_perm = torch.randn(3, 7, 5, 4, device=device, dtype=dtype).permute(0, 3, 1, 2).requires_grad_(requires_grad)
+    return [
+        Sample("batch_stats_relu", case((4, 3, 6, 5))),
+        Sample("batch_stats_dropout_residual", case((3, 5, 7, 6), residual=True, p=0.5)),
+        Sample("fixed_stats_dropout_residual", case((3, 5, 7, 6), residual=True, stats=True, p=0.3)),
+        Sample("no_relu_dropout_residual", case((2, 4, 9, 5), residual=True, p=0.2, relu=False)),
+        Sample("fixed_stats_no_relu", case((2, 3, 4, 5), stats=True, relu=False)),
+        Sample("three_d", case((5, 6, 11), p=0.5)),
+        Sample("five_d_one_channel", case((3, 1, 4, 5, 2), residual=True, p=0.5)),
+        Sample("non_contiguous", case((3, 4, 7, 5), residual=True, p=0.5, x=x_perm)),
+        Sample("empty_batch", case((0, 3, 4, 5), stats=True)),
+    ]

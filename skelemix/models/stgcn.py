@@ -26,8 +26,34 @@ class GraphConv(nn.Module):
         return ops.graph_conv(x, weight, self.conv.bias, A, impl=impl)
 
 
+def batch_norm_epilogue(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None, p: float = 0.0,
+                        relu: bool = True, impl: str = "auto") -> torch.Tensor:
+    """``relu(dropout_p(bn(x)) + residual)`` through :func:`skelemix.ops.bn_epilogue`, with ``bn``'s parameters
+    and its statistics (batch statistics in training mode, which also updates the running ones exactly as
+    ``nn.BatchNorm2d`` does)."""
+    batch = bn.training or bn.running_mean is None
+    weight = bn.weight if bn.affine else torch.ones(x.shape[1], device=x.device, dtype=ops.acc_dtype(x.dtype))
+    bias = bn.bias if bn.affine else torch.zeros_like(weight)
+    stats = (None, None) if batch else (bn.running_mean, bn.running_var)
+    y, mean, var = ops.bn_epilogue(x, weight, bias, residual, *stats, eps=bn.eps, p=p, relu=relu, impl=impl)
+    if bn.training and bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            n = x.numel() // x.shape[1]
+            bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var * (n / max(n - 1, 1)), alpha=factor)
+    return y
+
+
 class STGCNBlock(nn.Module):
-    """``relu(tcn(gcn(x)) + residual(x))`` with the official residual rule."""
+    """``relu(tcn(gcn(x)) + residual(x))`` with the official residual rule.
+
+    ``fused``: the two BatchNorms of ``tcn``, its ReLU and dropout, the residual add and the final ReLU run as
+    two :func:`skelemix.ops.bn_epilogue` calls; the modules only hold the parameters (the state dict is the
+    same). Dropout then draws its mask from a counter-based hash rather than torch's generator. BatchNorms
+    replaced by another class (SyncBatchNorm) always run as modules.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, num_subsets: int, num_joints: int, stride: int = 1,
                  dropout: float = 0.0, residual: bool = True, edge_importance: bool = True,
@@ -53,9 +79,16 @@ class STGCNBlock(nn.Module):
         self.edge_importance = (nn.Parameter(torch.ones(num_subsets, num_joints, num_joints))
                                 if edge_importance else None)
 
-    def forward(self, x: torch.Tensor, A: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, A: torch.Tensor, impl: str = "auto", fused: bool = False) -> torch.Tensor:
         A_eff = A * self.edge_importance if self.edge_importance is not None else A
-        out = self.tcn(self.gcn(x, A_eff, impl))
+        g = self.gcn(x, A_eff, impl)
+        bn1, conv, bn2, dropout = self.tcn[0], self.tcn[2], self.tcn[3], self.tcn[4]
+        if fused and type(bn1) is nn.BatchNorm2d and type(bn2) is nn.BatchNorm2d:
+            z = conv(batch_norm_epilogue(g, bn1, impl=impl))
+            residual = self.residual(x) if self.residual is not None else None
+            p = dropout.p if dropout.training else 0.0
+            return batch_norm_epilogue(z, bn2, residual, p=p, impl=impl)
+        out = self.tcn(g)
         if self.residual is not None:
             out = out + self.residual(x)
         return torch.relu(out)
@@ -81,6 +114,9 @@ class STGCN(nn.Module):
         edge_importance: learnable per-block edge weights (initialised to 1).
         graph: a :class:`Graph` or keyword arguments for one (default NTU, agcn).
         impl: implementation of the fused ops (see :mod:`skelemix.ops`).
+        fused_epilogue: run each block's BatchNorms, dropout, residual add and ReLUs as
+            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`); None: fused unless ``impl="eager"``,
+            which keeps the plain modules (and torch's dropout draws) as the reference.
 
     ``forward(x)`` takes ``(N, C, T, V, M)`` and returns ``fc(pool(x))`` of shape ``(N, num_class)``;
     ``forward(x, mask)`` with a bool ``(G, T', V)`` mask at feature resolution (``G`` in ``{1, N}``) returns
@@ -89,8 +125,10 @@ class STGCN(nn.Module):
 
     def __init__(self, in_channels: int = 3, hidden_channels: int = 16, hidden_dim: int = 256,
                  num_class: int | None = None, head: str = "linear", dropout: float = 0.5,
-                 edge_importance: bool = True, graph: Graph | dict | None = None, impl: str = "auto"):
+                 edge_importance: bool = True, graph: Graph | dict | None = None, impl: str = "auto",
+                 fused_epilogue: bool | None = None):
         super().__init__()
+        self.fused_epilogue = fused_epilogue
         graph = graph if isinstance(graph, Graph) else Graph(**(graph or {}))
         self.graph = graph
         self.impl = ops.check_impl(impl)
@@ -135,8 +173,9 @@ class STGCN(nn.Module):
         x = x.permute(0, 4, 3, 1, 2).reshape(N * M, V * C, T)
         x = self.data_bn(x)
         x = x.view(N, M, V, C, T).permute(0, 1, 3, 4, 2).reshape(N * M, C, T, V)
+        fused = self.fused_epilogue if self.fused_epilogue is not None else self.impl != "eager"
         for block in self.blocks:
-            x = block(x, self.A, self.impl)
+            x = block(x, self.A, self.impl, fused)
         return x
 
     def pool(self, features: torch.Tensor, num_bodies: int, mask: torch.Tensor | None = None):

@@ -1,10 +1,11 @@
 """Fused ops with a selectable implementation (``impl="auto" | "eager" | "cpp" | "cuda" | "triton"``)."""
 from ._impl import IMPLS, check_impl
+from .bn_epilogue import acc_dtype, bn_epilogue
 from .graph_conv import graph_conv
 from .mask_pool import mask_pool
 from .skelemix_gather import skelemix_gather
 
-__all__ = ["IMPLS", "check_impl", "check_impl_available", "graph_conv", "mask_pool", "skelemix_gather"]
+__all__ = ["IMPLS", "acc_dtype", "bn_epilogue", "check_impl", "check_impl_available", "graph_conv", "mask_pool", "skelemix_gather"]
 
 
 def check_impl_available(impl: str, device) -> None:
@@ -20,7 +21,7 @@ def check_impl_available(impl: str, device) -> None:
     if impl == "auto":
         return
     problems = []
-    for name in ("graph_conv", "mask_pool", "skelemix_gather"):
+    for name in ("bn_epilogue", "graph_conv", "mask_pool", "skelemix_gather"):
         module = importlib.import_module(f"{__name__}.{name}")  # the module, not the function of that name
         try:
             select(name, impl, torch.device(device), module._IMPLEMENTATIONS)

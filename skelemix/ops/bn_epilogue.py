@@ -1,0 +1,186 @@
+"""BatchNorm, dropout, residual add and ReLU in one pass: ``skelemix.ops.bn_epilogue(x, weight, bias, ...)``.
+
+The C++ op ``torch.ops.skelemix.bn_epilogue`` (schema in csrc/bn_epilogue.cpp, kernels in csrc/cpu and
+csrc/cuda) gets its PT2 surface here: fake kernels for it and for ``_bn_epilogue_backward``, and autograd for
+the forward (double backward raises). Dropout uses a counter-based hash of ``(seed, element index)``
+(:func:`skelemix.reference.dropout_keep`), so the backward regenerates the mask instead of storing it, and the
+seed is a device tensor drawn on the device, which keeps the op CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional, Tuple
+
+import torch
+
+from .. import _extension, reference
+from ._impl import select
+
+# (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
+# exception; the fake kernels feed torch._check. Messages match csrc/bn_epilogue.cpp.
+_Check = Tuple[object, type, Callable[[], str]]
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of weight, bias and statistics for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channel_checks(t: torch.Tensor, name: str, x: torch.Tensor) -> Iterator[_Check]:
+    C, acc = x.shape[1], acc_dtype(x.dtype)
+    yield t.dim() == 1 and t.shape[0] == C, ValueError, lambda: (
+        f"{name} must have shape ({C},) (the channels of x, shape {list(x.shape)}); got shape {list(t.shape)}")
+    yield t.dtype == acc, TypeError, lambda: (
+        f"{name} must be {acc} (the accumulation dtype of {x.dtype} x); got {t.dtype}")
+    yield t.device == x.device, ValueError, lambda: (
+        f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
+
+
+def _like_x_checks(t: torch.Tensor, name: str, x: torch.Tensor) -> Iterator[_Check]:
+    yield t.shape == x.shape, ValueError, lambda: (
+        f"{name} must have the shape of x {list(x.shape)}; got shape {list(t.shape)}")
+    yield t.dtype == x.dtype, TypeError, lambda: f"{name} must have the dtype of x ({x.dtype}); got {t.dtype}"
+    yield t.device == x.device, ValueError, lambda: (
+        f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
+
+
+def _common_checks(x, weight, seed, eps, p) -> Iterator[_Check]:
+    yield x.dim() >= 2, ValueError, lambda: f"x must be at least 2-D (N, C, *); got shape {list(x.shape)}"
+    yield x.dtype in _FLOATING, TypeError, lambda: (
+        f"x must be floating point (float32, float64, float16 or bfloat16); got {x.dtype}")
+    yield from _channel_checks(weight, "weight", x)
+    yield seed.numel() == 1 and seed.dtype == torch.int64, TypeError, lambda: (
+        f"seed must be an int64 tensor of one element; got {seed.dtype} of shape {list(seed.shape)}")
+    yield seed.device == x.device, ValueError, lambda: (
+        f"x and seed must be on the same device; got x on {x.device} and seed on {seed.device}")
+    yield eps >= 0, ValueError, lambda: f"eps must be >= 0; got {eps}"
+    yield 0 <= p < 1, ValueError, lambda: f"p (dropout probability) must be in [0, 1); got {p}"
+
+
+def _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p) -> Iterator[_Check]:
+    yield from _common_checks(x, weight, seed, eps, p)
+    yield from _channel_checks(bias, "bias", x)
+    if residual is not None:
+        yield from _like_x_checks(residual, "residual", x)
+    yield (stats_mean is None) == (stats_var is None), ValueError, lambda: (
+        "stats_mean and stats_var must both be given (fixed statistics) or both be None (batch statistics)")
+    if stats_mean is not None and stats_var is not None:
+        yield from _channel_checks(stats_mean, "stats_mean", x)
+        yield from _channel_checks(stats_var, "stats_var", x)
+
+
+def _backward_checks(grad, x, y, weight, mean, var, seed, eps, p) -> Iterator[_Check]:
+    yield from _common_checks(x, weight, seed, eps, p)
+    yield from _like_x_checks(grad, "grad", x)
+    yield from _like_x_checks(y, "y", x)
+    yield from _channel_checks(mean, "mean", x)
+    yield from _channel_checks(var, "var", x)
+
+
+def _torch_check(op: str, checks: Iterator[_Check]) -> None:
+    for ok, _, message in checks:
+        torch._check(ok, lambda message=message: f"{op}: {message()}")
+
+
+def _cpp(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
+    return torch.ops.skelemix.bn_epilogue(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)
+
+
+# "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
+# missing, raises an error that says how to build it (rather than "no such impl").
+_IMPLEMENTATIONS = {"eager": reference.bn_epilogue, "cpp": _cpp, "cuda": _cpp}
+
+
+def draw_seed(device) -> torch.Tensor:
+    """A dropout seed: int64 ``(1,)`` drawn on ``device`` from its default generator (on CUDA no host sync,
+    and graph-safe: a captured draw advances on every replay)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def bn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None,
+                stats_mean: torch.Tensor | None = None, stats_var: torch.Tensor | None = None,
+                seed: torch.Tensor | None = None, eps: float = 1e-5, p: float = 0.0, relu: bool = True,
+                impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``relu(dropout_p(batch_norm(x)) + residual)`` in one pass over ``x``; see
+    :func:`skelemix.reference.bn_epilogue` for the exact semantics.
+
+    Args:
+        x: ``(N, C, *)`` float32, float64, float16 or bfloat16.
+        weight, bias: ``(C,)``, float64 for float64 ``x``, else float32 (BatchNorm's affine parameters).
+        residual: ``x``'s shape, added after dropout; under autocast it is cast to ``x``'s dtype.
+        stats_mean, stats_var: fixed statistics (evaluation), or None for ``x``'s batch statistics (training).
+        seed: int64 ``(1,)`` on ``x``'s device; None draws one (:func:`draw_seed`) when ``p > 0``.
+        eps: BatchNorm's eps. p: dropout probability in ``[0, 1)``. relu: apply the ReLU.
+        impl: ``auto``, ``eager``, ``cpp``, ``cuda`` or ``triton``.
+
+    Returns:
+        ``(y, mean, var)``: the batch mean and biased variance (for the running statistics; not
+        differentiable) in training mode, two empty tensors otherwise. ``x``, ``weight``, ``bias`` and
+        ``residual`` are differentiable.
+    """
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"skelemix.ops.bn_epilogue: {name} must be a tensor; got {type(t).__name__}")
+    if seed is None:
+        seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
+    if residual is not None and residual.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        residual = residual.to(x.dtype)
+    checks = _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p)
+    for ok, exc, message in checks:
+        if not ok:
+            raise exc(f"skelemix.ops.bn_epilogue: {message()}")
+    fn = select("bn_epilogue", impl, x.device, _IMPLEMENTATIONS, x.dtype)
+    return fn(x, weight, bias, residual, stats_mean, stats_var, seed, float(eps), float(p), bool(relu))
+
+
+def _register() -> None:
+    @torch.library.register_fake("skelemix::bn_epilogue")
+    def _(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
+        _torch_check("skelemix::bn_epilogue",
+                     _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p))
+        stats = (x.shape[1],) if stats_mean is None else (0,)
+        return x.new_empty(x.shape), weight.new_empty(stats), weight.new_empty(stats)
+
+    @torch.library.register_fake("skelemix::_bn_epilogue_backward")
+    def _(grad, x, y, weight, mean, var, seed, eps, p, relu, batch_stats, output_mask):
+        _torch_check("skelemix::_bn_epilogue_backward", _backward_checks(grad, x, y, weight, mean, var, seed, eps, p))
+        need_x, need_w, need_b, need_r = output_mask
+        return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+                weight.new_empty(weight.shape if need_b else (0,)), x.new_empty(x.shape if need_r else (0,)))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu = inputs
+        y, mean, var = output
+        ctx.batch_stats = stats_mean is None
+        ctx.eps, ctx.p, ctx.relu = eps, p, relu
+        ctx.mark_non_differentiable(mean, var)
+        if ctx.batch_stats:
+            stats_mean, stats_var = mean, var
+        # y decides the ReLU's gradient; x, weight and the statistics give xhat and the scale.
+        ctx.save_for_backward(x, y, weight, stats_mean, stats_var, seed)
+
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, y, weight, mean, var, seed = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:4])
+        if not any(need):
+            return (None,) * 10
+        grads = torch.ops.skelemix._bn_epilogue_backward(grad, x, y, weight, mean, var, seed, ctx.eps, ctx.p,
+                                                          ctx.relu, ctx.batch_stats, need)
+        return (*(g if wanted else None for g, wanted in zip(grads, need)),) + (None,) * 6
+
+    torch.library.register_autograd("skelemix::bn_epilogue", backward, setup_context=setup_context)
+
+    def setup_backward_context(ctx, inputs, output):
+        pass
+
+    def backward_backward(ctx, *grads):
+        raise RuntimeError("skelemix::bn_epilogue does not support double backward (its backward op "
+                           "skelemix::_bn_epilogue_backward has no gradient); use impl='eager' for higher-order "
+                           "gradients")
+
+    torch.library.register_autograd("skelemix::_bn_epilogue_backward", backward_backward,
+                                    setup_context=setup_backward_context)
+
+
+if _extension.HAS_CPP:
+    _register()

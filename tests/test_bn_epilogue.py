@@ -1,0 +1,267 @@
+"""skelemix.ops.bn_epilogue: the C++ op against the eager reference, its dropout hash, its PT2 surface, errors,
+and the fused ST-GCN block against the plain modules."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from skelemix import _extension, reference
+from skelemix.models.stgcn import STGCN, batch_norm_epilogue, init_weights
+from skelemix.ops import bn_epilogue
+from skelemix.testing import (assert_close_verbose, poison_allocator, require_impl, sample_inputs_bn_epilogue,
+                              tolerances)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+IMPL_OF = {"cpu": "cpp", "cuda": "cuda"}
+NAMES = ("x", "weight", "bias", "residual")
+needs_cpp = pytest.mark.skipif(not _extension.HAS_CPP, reason=f"C++ ops not loaded: {_extension.LOAD_ERROR}")
+
+
+def _grads(out, args, grad_out):
+    inputs = [a for a in args[:4] if a is not None and a.requires_grad]
+    got = iter(torch.autograd.grad(out, inputs, grad_out, allow_unused=True))
+    return [next(got) if a is not None and a.requires_grad else None for a in args[:4]]
+
+
+# ---------------------------------------------------------------------------------------------------- the hash
+
+
+def test_reference_hash_matches_python_integers():
+    """The int64 emulation of uint32 arithmetic in reference._fmix32 against Python's exact integers."""
+    def fmix32(h):
+        h ^= h >> 16
+        h = h * 0x85EBCA6B & 0xFFFFFFFF
+        h ^= h >> 13
+        h = h * 0xC2B2AE35 & 0xFFFFFFFF
+        return h ^ h >> 16
+
+    values = torch.randint(0, 2**32, (1000,), dtype=torch.int64).tolist() + [0, 1, 2**32 - 1, 2**31]
+    assert reference._fmix32(torch.tensor(values)).tolist() == [fmix32(v) for v in values]
+    seed = (7 << 32) | 12345
+    keep = reference.dropout_keep(torch.tensor([seed]), (64,), 0.5)
+    expected = [fmix32(fmix32(i ^ 12345) ^ 7) >= 2**31 for i in range(64)]
+    assert keep.tolist() == expected
+
+
+def test_dropout_keep_rate_and_seeds():
+    shape = (8, 16, 32, 25)
+    for p in (0.1, 0.5, 0.9):
+        rate = reference.dropout_keep(torch.tensor([11]), shape, p).double().mean().item()
+        assert abs(rate - (1 - p)) < 0.01, f"p={p}: keep rate {rate}"
+    a = reference.dropout_keep(torch.tensor([1]), shape, 0.5)
+    b = reference.dropout_keep(torch.tensor([2]), shape, 0.5)
+    agree = (a == b).double().mean().item()
+    assert 0.48 < agree < 0.52, f"masks of two seeds agree on {agree:.3f} of the elements (independent: 0.5)"
+    assert reference.dropout_keep(torch.tensor([3]), shape, 0.0).all()
+
+
+# ---------------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_matches_reference(device, dtype):
+    impl = IMPL_OF[device]
+    require_impl(impl)
+    rtol, atol = tolerances(dtype)
+    for name, args in sample_inputs_bn_epilogue(device, dtype):
+        poison_allocator(args[0].numel(), dtype, device)
+        y, mean, var = bn_epilogue(*args[:6], seed=args[6], eps=args[7], p=args[8], relu=args[9], impl=impl)
+        ey, emean, evar = reference.bn_epilogue(*args)
+        assert_close_verbose(y, ey, rtol, atol, name=f"{name} y")
+        assert_close_verbose(mean, emean, 1e-5 if dtype != torch.float64 else 1e-12, 1e-6, name=f"{name} mean")
+        assert_close_verbose(var, evar, 1e-5 if dtype != torch.float64 else 1e-12, 1e-6, name=f"{name} var")
+        if args[8] > 0 and not args[9] and args[0].numel():  # no ReLU: the zeros are exactly the dropped cells
+            dropped = ~reference.dropout_keep(args[6], args[0].shape, args[8])
+            y_pre = y if args[3] is None else y.double() - args[3].double()
+            assert bool((y_pre[dropped].abs() < 1e-2).all()), f"{name}: a dropped element is not 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_matches_reference(device, dtype):
+    impl = IMPL_OF[device]
+    require_impl(impl)
+    rtol, atol = tolerances(dtype)
+    if dtype in (torch.float16, torch.bfloat16):
+        rtol, atol = rtol * 5, atol * 5  # the reference rounds x - mean and xhat in 16 bits; the kernels do not
+    for name, args in sample_inputs_bn_epilogue(device, dtype, requires_grad=True):
+        y, _, _ = bn_epilogue(*args[:6], seed=args[6], eps=args[7], p=args[8], relu=args[9], impl=impl)
+        ey, _, _ = reference.bn_epilogue(*args)
+        grad_out = torch.randn(y.shape[::-1], device=device, dtype=dtype).permute(*range(y.dim() - 1, -1, -1))
+        for arg_name, g, e in zip(NAMES, _grads(y, args, grad_out), _grads(ey, args, grad_out)):
+            assert (g is None) == (e is None), f"{name}: grad_{arg_name} presence differs"
+            if e is not None:
+                scale = max(e.abs().max().item(), 1.0) if e.numel() else 1.0
+                assert_close_verbose(g, e, rtol, atol * scale, name=f"{name} grad_{arg_name}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("case", range(8))
+def test_gradcheck_float64(case):
+    name, args = sample_inputs_bn_epilogue("cpu", torch.float64, requires_grad=True)[case]
+    differentiable = [a for a in args[:4] if a is not None]
+
+    def fn(*tensors):
+        full = list(tensors) + [None] * (4 - len(tensors)) if args[3] is None else list(tensors)
+        return bn_epilogue(*full, *args[4:6], seed=args[6], eps=args[7], p=args[8], relu=args[9], impl="cpp")[0]
+
+    assert torch.autograd.gradcheck(fn, differentiable, eps=1e-6, atol=1e-6), name
+
+
+@needs_cpp
+@pytest.mark.parametrize("wanted", range(1, 16), ids=lambda w: "+".join(n for i, n in enumerate(NAMES) if w >> i & 1))
+def test_every_subset_of_requires_grad(wanted):
+    """Each gradient is computed only when asked for, and every combination matches the reference."""
+    base = sample_inputs_bn_epilogue("cpu", torch.float64)[1].args  # batch statistics, dropout, residual
+    args = [a.detach().clone().requires_grad_(bool(wanted >> i & 1)) if i < 4 else a for i, a in enumerate(base)]
+    y = bn_epilogue(*args[:6], seed=args[6], eps=args[7], p=args[8], relu=args[9], impl="cpp")[0]
+    grad_out = torch.randn_like(y)
+    for arg_name, g, e in zip(NAMES, _grads(y, args, grad_out), _grads(reference.bn_epilogue(*args)[0], args, grad_out)):
+        assert (g is None) == (e is None), f"grad_{arg_name} presence differs"
+        if e is not None:
+            assert_close_verbose(g, e, 1e-10, 1e-12, name=f"grad_{arg_name}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    for name, args in sample_inputs_bn_epilogue("cpu", torch.float32, requires_grad=requires_grad):
+        if args[0].numel() == 0 or not args[0].is_contiguous():
+            continue
+        torch.library.opcheck(torch.ops.skelemix.bn_epilogue.default, args)
+        x, weight, _, _, stats_mean, stats_var, seed, eps, p, relu = args
+        y, mean, var = torch.ops.skelemix.bn_epilogue(*args)
+        if stats_mean is not None:
+            mean, var = stats_mean, stats_var
+        grad = torch.randn_like(y)
+        torch.library.opcheck(torch.ops.skelemix._bn_epilogue_backward.default,
+                              (grad, x.detach(), y.detach(), weight.detach(), mean, var, seed, eps, p, relu,
+                               stats_mean is None, [True, True, True, True]))
+
+
+@needs_cpp
+def test_compile_fullgraph():
+    name, args = sample_inputs_bn_epilogue("cpu", torch.float32, requires_grad=True)[1]
+
+    def fn(x, weight, bias, residual):
+        return bn_epilogue(x, weight, bias, residual, seed=args[6], p=0.5, impl="cpp")[0].square().sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args[:4])
+    actual = torch.autograd.grad(loss, args[:4])
+    expected_loss = fn(*args[:4])
+    expected = torch.autograd.grad(expected_loss, args[:4])
+    assert_close_verbose(loss, expected_loss, 1e-5, 1e-6, name="compiled loss")
+    for n, a, e in zip(NAMES, actual, expected):
+        assert_close_verbose(a, e, 1e-5, 1e-6, name=f"compiled grad_{n}")
+
+
+@needs_cpp
+def test_double_backward_raises():
+    args = sample_inputs_bn_epilogue("cpu", torch.float64, requires_grad=True)[0].args
+    y = bn_epilogue(*args[:6], seed=args[6], impl="cpp")[0]
+    (g,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
+def test_errors_name_the_argument(impl):
+    x = torch.randn(2, 3, 4, 5)
+    w, b = torch.rand(3) + 0.5, torch.randn(3)
+    cases = [
+        (dict(weight=torch.rand(4)), ValueError, r"weight must have shape \(3,\).*got shape \[4\]"),
+        (dict(weight=w.double()), TypeError, "weight must be torch.float32.*got torch.float64"),
+        (dict(bias=b.half()), TypeError, "bias must be torch.float32"),
+        (dict(residual=torch.randn(2, 3, 4, 6)), ValueError, r"residual must have the shape of x \[2, 3, 4, 5\]"),
+        (dict(stats_mean=torch.zeros(3)), ValueError, "stats_mean and stats_var must both be given"),
+        (dict(p=1.0), ValueError, r"p \(dropout probability\) must be in \[0, 1\); got 1.0"),
+        (dict(p=0.5, seed=torch.tensor([1.0])), TypeError, "seed must be an int64 tensor of one element"),
+        (dict(x=torch.randn(3)), ValueError, r"x must be at least 2-D \(N, C, \*\); got shape \[3\]"),
+    ]
+    for change, exc, message in cases:
+        kwargs = dict(x=x, weight=w, bias=b, impl=impl) | change
+        with pytest.raises(exc, match=f"skelemix.ops.bn_epilogue: {message}"):
+            bn_epilogue(**kwargs)
+
+
+@needs_cpp
+def test_cpp_op_checks_its_arguments():
+    """The C++ op, called directly, gives the same named errors."""
+    x, w, b, seed = torch.randn(2, 3, 4, 5), torch.rand(3), torch.randn(3), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"skelemix::bn_epilogue: weight must have shape \(3,\)"):
+        torch.ops.skelemix.bn_epilogue(x, torch.rand(4), b, None, None, None, seed, 1e-5, 0.0, True)
+    with pytest.raises(RuntimeError, match=r"skelemix::bn_epilogue: p \(dropout probability\) must be in \[0, 1\)"):
+        torch.ops.skelemix.bn_epilogue(x, w, b, None, None, None, seed, 1e-5, 1.5, True)
+    with pytest.raises(RuntimeError, match="skelemix::_bn_epilogue_backward: grad must have the shape of x"):
+        torch.ops.skelemix._bn_epilogue_backward(torch.randn(2, 3, 4), x, x, w, b, w, seed, 1e-5, 0.0, True, True,
+                                                 [True, True, True, True])
+
+
+# ---------------------------------------------------------------------------------------------------- the block
+
+
+@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_epilogue_matches_modules(impl, momentum):
+    """Without dropout, relu(bn(x) + residual) of the module and of the fused call agree, and so do the updated
+    running statistics (training) and the outputs in evaluation mode."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4, momentum=momentum).double()
+    init_weights(bn)
+    fused_bn = copy.deepcopy(bn)
+    x = torch.randn(3, 4, 6, 5, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(3, 4, 6, 5, dtype=torch.float64)
+    for _ in range(2):
+        expected = torch.relu(bn(x) + res)
+        actual = batch_norm_epilogue(x, fused_bn, res, impl=impl)
+        assert_close_verbose(actual, expected, 1e-10, 1e-12, name="training output")
+        ge, = torch.autograd.grad(expected.square().sum(), x)
+        ga, = torch.autograd.grad(actual.square().sum(), x)
+        assert_close_verbose(ga, ge, 1e-9, 1e-11, name="training grad_x")
+    for key, value in bn.state_dict().items():
+        assert_close_verbose(fused_bn.state_dict()[key].double(), value.double(), 1e-12, 1e-14, name=key)
+    bn.eval(), fused_bn.eval()
+    assert_close_verbose(batch_norm_epilogue(x, fused_bn, res, impl=impl), torch.relu(bn(x) + res), 1e-10, 1e-12,
+                         name="evaluation output")
+
+
+@needs_cpp
+def test_fused_encoder_matches_modules_without_dropout():
+    """The whole encoder with fused epilogues (impl=cpp) against the plain modules (impl=eager), float64."""
+    torch.manual_seed(0)
+    eager = STGCN(hidden_channels=8, hidden_dim=32, dropout=0.0, impl="eager").double()
+    eager.apply(init_weights)
+    fused = copy.deepcopy(eager)
+    fused.impl = "cpp"
+    x = torch.randn(2, 3, 16, 25, 2, dtype=torch.float64)
+    fe, ff = eager.feature_map(x), fused.feature_map(x)
+    assert_close_verbose(ff, fe, 1e-9, 1e-11, name="features")
+    w = torch.randn_like(fe)
+    (fe * w).sum().backward()
+    (ff * w).sum().backward()
+    scale = max(p.grad.abs().max().item() for p in eager.parameters())
+    for (name, pe), pf in zip(eager.named_parameters(), fused.parameters()):
+        assert_close_verbose(pf.grad, pe.grad, 1e-8, 1e-11 * scale, name=f"grad {name}")
+    for (name, be), bf in zip(eager.named_buffers(), fused.buffers()):
+        assert_close_verbose(bf.double(), be.double(), 1e-10, 1e-12, name=name)
+
+
+def test_fused_dropout_draws_differ_per_call_and_follow_the_seed():
+    """Dropout in a fused block draws a fresh seed per call from the global generator: two calls differ, and
+    the same torch.manual_seed reproduces a call."""
+    model = STGCN(hidden_channels=4, hidden_dim=8, dropout=0.5, impl="eager", fused_epilogue=True)
+    x = torch.randn(2, 3, 8, 25, 1)
+    torch.manual_seed(3)
+    a = model.feature_map(x)
+    b = model.feature_map(x)
+    torch.manual_seed(3)
+    c = model.feature_map(x)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, c)

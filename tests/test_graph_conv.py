@@ -144,7 +144,8 @@ def test_stgcn_encoder_cpp_matches_eager():
 def test_skelemixclr_plus_training_step_cpp_matches_eager():
     """One whole SkeleMixCLR+ training step (query and 3 mixed batches through encoder_q, the key through
     encoder_k, all three fused ops, SGD with momentum, momentum update, enqueue) with impl="cpp" against
-    impl="eager": same initial weights (same seed), same batch, same mixing and dropout draws.
+    impl="eager": same initial weights (same seed), same batch, same mixing and dropout draws. Both use the fused
+    block epilogue (for impl="eager" its reference), so bn_epilogue and its hash dropout are checked here too.
 
     Run in float64 for the reason given in test_stgcn_encoder_cpp_matches_eager: in float32 a pre-ReLU value
     within round-off of 0 can land on the other side of the kink in one of the two runs, which moves its
@@ -157,7 +158,8 @@ def test_skelemixclr_plus_training_step_cpp_matches_eager():
     results = {}
     for impl in ("eager", "cpp"):
         torch.manual_seed(0)
-        model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16, dropout=0.5, impl=impl), **cfg).double()
+        encoder = dict(hidden_channels=4, hidden_dim=16, dropout=0.5, impl=impl, fused_epilogue=True)
+        model = SkeleMixCLR(encoder=encoder, **cfg).double()
         with torch.no_grad():  # move the edge importances off 1 so every A differs
             for name, p in model.encoder_q.named_parameters():
                 if name.endswith("edge_importance"):

@@ -383,7 +383,8 @@ def assert_dropout_mask(y, args, name):
 def test_bn_epilogue_fp32_forward_backward(ops, device):
     for name, args in sample_inputs_bn_epilogue(device):
         args = leaves(args)
-        grad = torch.randn(args[0].shape, device=device)
+        dims = list(range(args[0].dim()))[::-1]
+        grad = torch.randn(args[0].shape[::-1], device=device).permute(dims)  # non-contiguous
         poison_allocator(args[0].numel(), torch.float32, device)
         (y, mean, var), grads = bn_grads(ops.bn_epilogue, args, grad)
         (want_y, want_mean, want_var), want = bn_grads(reference.bn_epilogue, args, grad)
@@ -507,6 +508,26 @@ def test_bn_epilogue_errors(ops, bad, match):
     with pytest.raises(RuntimeError, match="skelemix::bn_epilogue_triton: " + match):
         ops.bn_epilogue(*bad(args))
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_compile_fullgraph(ops, device):
+    """Dynamo traces forward and backward without graph breaks (backend as in the test below)."""
+    backend = "eager" if _extension.triton_interpret() else "inductor"
+    for name, args in sample_inputs_bn_epilogue(device)[:2]:  # batch and fixed statistics
+        args = leaves(args)
+
+        def fn(*args):
+            y, mean, _ = torch.ops.skelemix.bn_epilogue_triton(*args)
+            return y.square().sum(), mean
+
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)
+        (loss, mean), (want_loss, want_mean) = compiled(*args), fn(*args)
+        inputs = [a for a in args[:4] if a is not None]
+        for g, w in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, inputs)):
+            assert_close_scaled(g, w, 1e-5, f"{name} compiled grad")
+        assert_close_scaled(loss, want_loss, 1e-5, f"{name} compiled loss")
+        assert torch.equal(mean, want_mean), name
 
 @pytest.mark.needs_cuda
 def test_bn_epilogue_cuda_graph_capture(ops):

@@ -20,7 +20,7 @@ import torch
 
 from skelemix import _extension, reference
 from skelemix.ops import mask_pool
-from skelemix.testing import assert_close_verbose, sample_inputs_mask_pool, tolerances
+from skelemix.testing import assert_close_verbose, poison_allocator, sample_inputs_mask_pool, tolerances
 
 pytestmark = pytest.mark.needs_triton
 
@@ -317,6 +317,243 @@ def test_graph_conv_errors(ops):
         op(x.double(), weight.double(), bias.double(), A.double())
 
 
+
+# -------------------------------------------------------------------------------------------------- bn_epilogue
+
+
+def sample_inputs_bn_epilogue(device, dtype=torch.float32):
+    """(name, args) cases of ``bn_epilogue(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)``:
+    batch and fixed statistics, each stage on and off, odd and tile-crossing sizes, 2-D and non-contiguous x."""
+    def t(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    def case(shape, residual=True, fixed=False, p=0.0, relu=True, x=None, res=None):
+        C = shape[1]
+        x = 1.5 * t(*shape) + 0.5 if x is None else x  # off-centre, not unit variance
+        res = (t(*shape) if residual else None) if res is None else res
+        stats = (torch.randn(C, device=device), torch.rand(C, device=device) + 0.5) if fixed else (None, None)
+        seed = torch.randint(-2**63, 2**63 - 1, (1,), device=device)  # both 32-bit halves random, sign included
+        return (x, torch.rand(C, device=device) + 0.5, torch.randn(C, device=device), res, *stats, seed, 1e-5, p,
+                relu)
+
+    x_perm = (1.5 * t(2, 6, 5, 4) + 0.5).permute(0, 3, 1, 2)  # (2, 4, 6, 5) from a (N, T, V, C) buffer
+    res_t = t(2, 4, 5, 6).transpose(2, 3)
+    return [
+        ("batch_all_stages", case((3, 3, 25, 7), p=0.3)),  # odd shape: C=3, L=25*7
+        ("fixed_all_stages", case((3, 3, 25, 7), fixed=True, p=0.3)),
+        ("batch_dropout_residual", case((2, 4, 9, 5), p=0.5, relu=False)),
+        ("fixed_dropout_only", case((2, 4, 9, 5), fixed=True, p=0.2, relu=False, residual=False)),
+        ("batch_plain", case((4, 5, 6, 3), residual=False, relu=False)),
+        ("fixed_relu_only", case((4, 5, 6, 3), fixed=True, residual=False)),
+        ("two_d", case((6, 5), p=0.4)),  # (N, C): one cell per row
+        ("crosses_tiles", case((2, 3, 1100), p=0.1, relu=False)),  # L > BLOCK_L: two blocks / reduction steps
+        ("non_contiguous", case((2, 4, 6, 5), p=0.3, x=x_perm, res=res_t)),
+        ("empty_batch", case((0, 3, 4, 5), fixed=True, p=0.3)),
+    ]
+
+
+def bn_grads(fn, args, grad):
+    """``fn(*args)`` = (y, mean, var) and the gradients of ``(y * grad).sum()`` w.r.t. x, weight, bias and
+    residual (the ones given)."""
+    inputs = [a for a in args[:4] if a is not None]
+    y, mean, var = fn(*args)
+    return (y, mean, var), torch.autograd.grad(y, inputs, grad)
+
+
+def leaves(args, dtype=None):
+    """Fresh leaves of x, weight, bias, residual (x and residual cast to dtype); the rest as they are."""
+    x, weight, bias, res, *rest = args
+    x, res = (None if a is None else a.detach().to(dtype or a.dtype) for a in (x, res))
+    fresh = tuple(None if a is None else a.detach().clone().requires_grad_() for a in (x, weight, bias, res))
+    return fresh + tuple(rest)
+
+
+def assert_dropout_mask(y, args, name):
+    """Where no ReLU follows, an element is dropped exactly when y equals the residual (0 without one): the
+    kernel's counter hash must give the reference's mask bit for bit."""
+    x, res, seed, p, relu = args[0], args[3], args[6], args[8], args[9]
+    if p == 0 or relu or y.numel() == 0:
+        return
+    dropped = y == (res if res is not None else 0)
+    keep = reference.dropout_keep(seed, x.shape, p)
+    assert torch.equal(dropped, ~keep), f"{name}: {int((dropped == keep).sum())} dropout decisions differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_fp32_forward_backward(ops, device):
+    for name, args in sample_inputs_bn_epilogue(device):
+        args = leaves(args)
+        dims = list(range(args[0].dim()))[::-1]
+        grad = torch.randn(args[0].shape[::-1], device=device).permute(dims)  # non-contiguous
+        poison_allocator(args[0].numel(), torch.float32, device)
+        (y, mean, var), grads = bn_grads(ops.bn_epilogue, args, grad)
+        (want_y, want_mean, want_var), want = bn_grads(reference.bn_epilogue, args, grad)
+        assert_close_scaled(y, want_y, 1e-5, f"{name} y")
+        if args[4] is None:  # batch statistics: returned, never differentiable
+            assert_close_verbose(mean, want_mean, 1e-5, 1e-7, name=f"{name} mean")
+            assert_close_verbose(var, want_var, 1e-5, 1e-7, name=f"{name} var")
+            assert not mean.requires_grad and not var.requires_grad, name
+        else:
+            assert mean.shape == var.shape == (0,), name
+        assert_dropout_mask(y, args, name)
+        for arg, g, w in zip(("x", "weight", "bias", "residual"), grads, want):
+            assert_close_scaled(g, w, 1e-5, f"{name} grad {arg}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_low_precision(ops, device, dtype):
+    # y and grad_x/grad_residual are rounded to dtype once; grad_weight/grad_bias stay fp32. The rule: error
+    # against the fp32 reference <= 2 x the eager reference's own error in dtype + 1e-3 x the largest entry.
+    for name, args in sample_inputs_bn_epilogue(device)[:4]:
+        a32, a, ae = leaves(args), leaves(args, dtype), leaves(args, dtype)
+        grad = torch.randn(args[0].shape, device=device)
+        (ref, *_), ref_grads = bn_grads(reference.bn_epilogue, a32, grad)
+        (y, mean, var), grads = bn_grads(ops.bn_epilogue, a, grad.to(dtype))
+        (eager, eager_mean, _), eager_grads = bn_grads(reference.bn_epilogue, ae, grad.to(dtype))
+        assert y.dtype == dtype and mean.dtype == torch.float32, name
+        assert_low_precision(y, eager, ref, 1e-3 * ref.abs().max().item(), f"{name} {dtype} y")
+        if a[4] is None:  # the statistics of the same rounded x
+            assert_close_verbose(mean, eager_mean, 1e-5, 1e-6, name=f"{name} {dtype} mean")
+        assert_dropout_mask(y, a, f"{name} {dtype}")
+        for arg, g, e, r in zip(("x", "weight", "bias", "residual"), grads, eager_grads, ref_grads):
+            assert g.dtype == e.dtype, f"{name} grad {arg}"
+            assert_low_precision(g, e, r, 1e-3 * r.abs().max().item(), f"{name} {dtype} grad {arg}")
+
+
+@interpreted
+@pytest.mark.parametrize("index", [0, 1], ids=["batch", "fixed"])
+def test_bn_epilogue_backward_output_mask(ops, index):
+    """Each output of the backward op alone equals the full call's (the kernels run in other combinations:
+    grad_residual from the reduction or from the elementwise pass); unrequested outputs are empty."""
+    x, weight, bias, res, stats_mean, stats_var, seed, eps, p, relu = sample_inputs_bn_epilogue("cpu")[index][1]
+    y, mean, var = ops.bn_epilogue(x, weight, bias, res, stats_mean, stats_var, seed, eps, p, relu)
+    if stats_mean is not None:
+        mean, var = stats_mean, stats_var
+    grad = torch.randn_like(x)
+    op = torch.ops.skelemix._bn_epilogue_backward_triton
+
+    def call(mask):
+        return op(grad, x, y, weight, mean, var, seed, eps, p, relu, stats_mean is None, mask)
+
+    full = call([True] * 4)
+    for mask in ([True, False, False, False], [False, True, False, False], [False, False, True, False],
+                 [False, False, False, True], [False, True, False, True], [True, False, True, True]):
+        for i, (out, want) in enumerate(zip(call(mask), full)):
+            if mask[i]:
+                assert torch.equal(out, want), f"{mask}: output {i}"
+            else:
+                assert out.shape == (0,), f"{mask}: unrequested output {i} has shape {tuple(out.shape)}"
+
+
+@interpreted
+def test_bn_epilogue_dropout_hash_beyond_2_32(ops):
+    """The kernels' hash equals reference.dropout_keep's formula at flat indices a (C, T, V)-sized test cannot
+    reach: the high 32 bits of the index enter through (i >> 32) + k1."""
+    import triton
+
+    kb = ops._kernels("bn_epilogue")
+    U32 = 0xFFFFFFFF
+    near = torch.arange(-64, 64) + (1 << 32)
+    idx = torch.cat([torch.arange(64), near, near + (5 << 32), torch.randint(0, 1 << 62, (256,))])
+    for seed_value, p in ((0x0123456789ABCDEF, 0.3), (-2, 0.5), (U32, 0.9)):  # k1 = 0x01234567, 0xFFFFFFFF, 0
+        seed = torch.tensor([seed_value])
+        threshold = reference.dropout_threshold(p)
+        out = torch.empty(idx.shape, dtype=torch.int8)
+        kb.dropout_keep_kernel[(triton.cdiv(idx.numel(), 128),)](seed, idx, out, idx.numel(), threshold, BLOCK=128)
+        k0, k1 = seed_value & U32, (seed_value >> 32) & U32
+        h = reference._fmix32(reference._fmix32((idx & U32) ^ k0) ^ (((idx >> 32) + k1) & U32))
+        assert torch.equal(out.bool(), h >= threshold), f"seed {seed_value:#x}"
+        assert torch.equal(out[:64].bool(), reference.dropout_keep(seed, (64,), p)), f"seed {seed_value:#x}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_opcheck(ops, device):
+    for index in (0, 1, 3):  # batch with residual, fixed, fixed without residual
+        x, weight, bias, res, stats_mean, stats_var, seed, eps, p, relu = sample_inputs_bn_epilogue(device)[index][1]
+        args = (x, weight.requires_grad_(), bias.requires_grad_(), res, stats_mean, stats_var, seed, eps, p, relu)
+        opcheck(torch.ops.skelemix.bn_epilogue_triton.default, args)
+        y, mean, var = ops.bn_epilogue(*args)
+        batch = stats_mean is None
+        if not batch:
+            mean, var = stats_mean, stats_var
+        opcheck(torch.ops.skelemix._bn_epilogue_backward_triton.default,
+                (torch.randn_like(x), x, y.detach(), weight.detach(), mean.detach(), var.detach(), seed, eps, p, relu,
+                 batch, [True, True, False, res is not None]))
+
+
+@interpreted
+def test_bn_epilogue_double_backward_raises(ops):
+    args = leaves(sample_inputs_bn_epilogue("cpu")[0][1])
+    y, _, _ = ops.bn_epilogue(*args)
+    (gx,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="bn_epilogue_triton: double backward"):
+        torch.autograd.grad(gx.sum(), args[0])
+
+
+@interpreted
+@pytest.mark.parametrize("bad, match", [
+    (lambda a: (a[0].double(), *a[1:]), "impl='triton' takes float32, float16 or bfloat16 x; got torch.float64"),
+    (lambda a: (a[0][0, 0, 0], *a[1:]), r"x must be at least 2-D \(N, C, \*\); got shape \[7\]"),
+    (lambda a: (a[0], a[1][:2], *a[2:]), r"weight must have shape \(3,\) \(the channels of x"),
+    (lambda a: (*a[:2], a[2].double(), *a[3:]), "bias must be torch.float32 .* got torch.float64"),
+    (lambda a: (*a[:3], a[3][:1], *a[4:]), r"residual must have the shape of x \[3, 3, 25, 7\]"),
+    (lambda a: (*a[:4], a[1], None, *a[6:]), "stats_mean and stats_var must both be given"),
+    (lambda a: (*a[:6], a[6].int(), *a[7:]), "seed must be an int64 tensor of one element; got torch.int32"),
+    (lambda a: (*a[:7], -1.0, *a[8:]), "eps must be >= 0"),
+    (lambda a: (*a[:8], 1.0, a[9]), r"p \(dropout probability\) must be in \[0, 1\); got 1.0"),
+])
+def test_bn_epilogue_errors(ops, bad, match):
+    args = sample_inputs_bn_epilogue("cpu")[0][1]
+    with pytest.raises(RuntimeError, match="skelemix::bn_epilogue_triton: " + match):
+        ops.bn_epilogue(*bad(args))
+
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_compile_fullgraph(ops, device):
+    """Dynamo traces forward and backward without graph breaks (backend as in the test below)."""
+    backend = "eager" if _extension.triton_interpret() else "inductor"
+    for name, args in sample_inputs_bn_epilogue(device)[:2]:  # batch and fixed statistics
+        args = leaves(args)
+
+        def fn(*args):
+            y, mean, _ = torch.ops.skelemix.bn_epilogue_triton(*args)
+            return y.square().sum(), mean
+
+        compiled = torch.compile(fn, fullgraph=True, backend=backend)
+        (loss, mean), (want_loss, want_mean) = compiled(*args), fn(*args)
+        inputs = [a for a in args[:4] if a is not None]
+        for g, w in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(want_loss, inputs)):
+            assert_close_scaled(g, w, 1e-5, f"{name} compiled grad")
+        assert_close_scaled(loss, want_loss, 1e-5, f"{name} compiled loss")
+        assert torch.equal(mean, want_mean), name
+
+@pytest.mark.needs_cuda
+def test_bn_epilogue_cuda_graph_capture(ops):
+    """The seed is read on the device (no .item()): forward and backward replay in a CUDA graph, and a new seed
+    copied into the captured tensor gives the new mask."""
+    args = leaves(sample_inputs_bn_epilogue("cuda")[2][1])  # dropout, residual, no ReLU
+    x, seed = args[0], args[6]
+    side = torch.cuda.Stream()  # warm up (compile every kernel) on a side stream, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.autograd.grad(ops.bn_epilogue(*args)[0].square().sum(), x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, _, _ = ops.bn_epilogue(*args)
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+    for value in (12345, -987654321987):
+        seed.fill_(value)
+        graph.replay()
+        want_y = reference.bn_epilogue(*args)[0]
+        (want_gx,) = torch.autograd.grad(want_y.square().sum(), x)
+        assert_close_scaled(y, want_y, 1e-5, f"seed {value} y")
+        assert_close_scaled(gx, want_gx, 1e-5, f"seed {value} grad x")
+        assert_dropout_mask(y, args, f"seed {value}")
+
+
 # ----------------------------------------------------------------------------------- torch.compile, models
 
 
@@ -425,7 +662,7 @@ def test_kernels_compile_for_hopper():
 
 
 def test_launch_settings_are_pure_and_bounded(ops):
-    km, kg, kc = (ops._kernels(n) for n in ("mask_pool", "skelemix_gather", "graph_conv"))
+    km, kg, kc, kb = (ops._kernels(n) for n in ("mask_pool", "skelemix_gather", "graph_conv", "bn_epilogue"))
     assert km.settings(256, 16 * 25) == (8, 512, 8)  # (BLOCK_C, BLOCK_S, num_warps): 4096-element tiles
     assert kg.settings(3 * 64, 25 * 2) == (64, 64, 8)
     assert kc.padded_joints(25) == 32 and kc.padded_joints(3) == 16
@@ -433,6 +670,10 @@ def test_launch_settings_are_pure_and_bounded(ops):
         kc.padded_joints(129)
     with pytest.raises(ValueError, match="more than 65535 programs"):
         km.settings(1 << 25, 4)
+    assert kb.settings(256 * 64, 75 * 25) == (4, 1024, 8)  # (BLOCK_R, BLOCK_L, num_warps): 4096-element tiles
+    assert kb.settings(256, 1) == (256, 16, 8)  # (N, C) input: tiles of rows
+    with pytest.raises(ValueError, match="bn_epilogue .* more than 65535 programs"):
+        kb.settings(4, 1 << 27)
     block_c, block_i, block_t, split, _ = kc.reduction_settings(32, 64, 64, lambda bt, bc: 1000, lambda bc, bi: 6,
                                                                 interpret=False)
     assert (block_c, block_i, block_t) == (32, 32, 2) and split == 512 // 6

@@ -10,8 +10,11 @@ Ops (forward and backward are separate ``triton_op``s, so ``torch.compile`` sees
 other's adjoint); ``skelemix::graph_conv_triton``, whose input gradient is ``graph_conv_triton`` itself with
 transposed weight blocks and adjacency (so double backward w.r.t. x works), plus
 ``skelemix::_graph_conv_backward_weight_triton`` (weight and bias) and
-``skelemix::_graph_conv_backward_adjacency_triton`` (no double backward: they raise); and
-``skelemix::skelemix_gather_triton`` (forward only, the (R, N) partner/joints/span schema).
+``skelemix::_graph_conv_backward_adjacency_triton`` (no double backward: they raise);
+``skelemix::skelemix_gather_triton`` (forward only, the (R, N) partner/joints/span schema); and
+``skelemix::bn_epilogue_triton`` with ``skelemix::_bn_epilogue_backward_triton``, the schemas of the C++
+``bn_epilogue`` and ``_bn_epilogue_backward`` (batch statistics by ``torch.var_mean`` in fp32, the rest in Triton;
+the dropout seed is read on the device, so both can be captured in a CUDA graph; no double backward: it raises).
 They take float32, float16 and bfloat16 (fp32 accumulation); float64 is refused rather than computed in fp32.
 
 Under ``TRITON_INTERPRET=1`` the kernels run in Triton's CPU interpreter on CPU or CUDA tensors. There
@@ -24,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -95,6 +99,7 @@ def register() -> None:
     _register_mask_pool()
     _register_skelemix_gather()
     _register_graph_conv()
+    _register_bn_epilogue()
     _REGISTERED = True
 
 
@@ -395,3 +400,174 @@ def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """``impl="triton"`` of :func:`skelemix.ops.graph_conv`."""
     register()
     return torch.ops.skelemix.graph_conv_triton(x, weight, bias, A)
+
+
+# ---------------------------------------------------------------------------------------------- bn_epilogue
+
+
+def _bn_epilogue_checks(op: str, x: torch.Tensor, weight: torch.Tensor, seed: torch.Tensor, eps: float, p: float,
+                        channel_vectors: dict, like_x: dict) -> None:
+    """The checks of csrc/bn_epilogue.cpp (same messages), with float64 refused as by every Triton op."""
+    torch._check(x.dim() >= 2, lambda: f"{op}: x must be at least 2-D (N, C, *); got shape {list(x.shape)}")
+    _check_dtype(op, "x", x)
+    C = x.shape[1]
+    for name, t in {"weight": weight, **channel_vectors}.items():
+        torch._check(t.dim() == 1 and t.shape[0] == C, lambda: (
+            f"{op}: {name} must have shape ({C},) (the channels of x, shape {list(x.shape)}); got shape "
+            f"{list(t.shape)}"))
+        torch._check(t.dtype == torch.float32, lambda: (
+            f"{op}: {name} must be torch.float32 (the accumulation dtype of {x.dtype} x); got {t.dtype}"))
+    for name, t in like_x.items():
+        torch._check(t.shape == x.shape, lambda: (
+            f"{op}: {name} must have the shape of x {list(x.shape)}; got shape {list(t.shape)}"))
+        torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} must have the dtype of x ({x.dtype}); got {t.dtype}")
+    torch._check(seed.numel() == 1 and seed.dtype == torch.int64, lambda: (
+        f"{op}: seed must be an int64 tensor of one element; got {seed.dtype} of shape {list(seed.shape)}"))
+    for name, t in {"weight": weight, **channel_vectors, **like_x, "seed": seed}.items():
+        torch._check(t.device == x.device, lambda: (
+            f"{op}: x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}"))
+    torch._check(eps >= 0, lambda: f"{op}: eps must be >= 0; got {eps}")
+    torch._check(0 <= p < 1, lambda: f"{op}: p (dropout probability) must be in [0, 1); got {p}")
+
+
+def _register_bn_epilogue() -> None:
+    import triton
+    from torch.library import triton_op, wrap_triton
+
+    from .. import reference
+
+    kb = _kernels("bn_epilogue")
+    fwd_kernel, reduce_kernel, bwd_kernel = (kb.bn_epilogue_fwd_kernel, kb.bn_epilogue_bwd_reduce_kernel,
+                                             kb.bn_epilogue_bwd_kernel)
+    op, backward_op = "skelemix::bn_epilogue_triton", "skelemix::_bn_epilogue_backward_triton"
+
+    def dropout_args(p: float) -> tuple[int, float]:
+        # (threshold, 1 / (1 - p)): plain numbers, so the seed is the only dropout state read on the device.
+        return reference.dropout_threshold(p), 1.0 / (1.0 - p)
+
+    @triton_op(op, mutates_args=(), schema=(
+        "(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor? stats_mean, Tensor? stats_var, "
+        "Tensor seed, float eps, float p, bool relu) -> (Tensor, Tensor, Tensor)"))
+    def bn_epilogue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                           stats_mean: torch.Tensor | None, stats_var: torch.Tensor | None, seed: torch.Tensor,
+                           eps: float, p: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        torch._check((stats_mean is None) == (stats_var is None), lambda: (
+            f"{op}: stats_mean and stats_var must both be given (fixed statistics) or both be None (batch "
+            "statistics)"))
+        stats = {} if stats_mean is None else {"stats_mean": stats_mean, "stats_var": stats_var}
+        _bn_epilogue_checks(op, x, weight, seed, eps, p, {"bias": bias, **stats},
+                            {} if residual is None else {"residual": residual})
+        N, C = x.shape[:2]
+        L = math.prod(x.shape[2:])
+        if stats_mean is None:
+            var, mean = torch.var_mean(x.to(torch.float32), dim=[0, *range(2, x.dim())], correction=0)
+            used_mean, used_var = mean, var
+        else:
+            used_mean, used_var = stats_mean, stats_var
+            mean, var = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))  # two: outputs may not alias
+        a = weight * torch.rsqrt(used_var + eps)  # as the reference computes it
+        y = torch.empty(x.shape, dtype=_result_dtype(x.dtype), device=x.device)
+        if y.numel() == 0:
+            return y.to(x.dtype), mean, var
+        xc, mc, bc = x.contiguous(), used_mean.contiguous(), bias.contiguous()
+        rc = residual.contiguous() if residual is not None else xc  # xc: a dummy pointer, never read
+        threshold, keep_scale = dropout_args(p)
+        block_r, block_l, num_warps = kb.settings(N * C, L)
+        if not _no_data(xc, rc, y, mc, a, bc, seed):
+            with _device(x):
+                wrap_triton(fwd_kernel)[(triton.cdiv(N * C, block_r), triton.cdiv(L, block_l))](
+                    xc, rc, y, mc, a, bc, seed, N * C, C, L, threshold, keep_scale, HAS_RES=residual is not None,
+                    DROPOUT=p > 0, RELU=relu, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=num_warps)
+        return y.to(x.dtype), mean, var
+
+    @triton_op(backward_op, mutates_args=(), schema=(
+        "(Tensor grad, Tensor x, Tensor y, Tensor weight, Tensor mean, Tensor var, Tensor seed, float eps, "
+        "float p, bool relu, bool batch_stats, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"))
+    def bn_epilogue_backward_triton(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                                    mean: torch.Tensor, var: torch.Tensor, seed: torch.Tensor, eps: float,
+                                    p: float, relu: bool, batch_stats: bool, output_mask: list[bool]
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        _bn_epilogue_checks(backward_op, x, weight, seed, eps, p, {"mean": mean, "var": var}, {"grad": grad, "y": y})
+        torch._check(len(output_mask) == 4, lambda: f"{backward_op}: output_mask must have 4 entries")
+        want_x, want_w, want_b, want_res = output_mask
+        N, C = x.shape[:2]
+        L = math.prod(x.shape[2:])
+        R, n = N * C, max(N * L, 1)
+
+        def empty():  # a fresh one per output: outputs may not alias
+            return x.new_empty((0,), dtype=torch.float32)
+
+        gx = torch.empty(x.shape, dtype=_result_dtype(x.dtype), device=x.device) if want_x else None
+        gres = torch.empty(x.shape, dtype=_result_dtype(x.dtype), device=x.device) if want_res else None
+        # Per-row fp32 sums of gp and gp * xhat, summed over the batch below.
+        need_sums = want_w or want_b or (want_x and batch_stats)
+        sums = torch.empty((2, N, C), dtype=torch.float32, device=x.device) if need_sums else None
+        invstd = torch.rsqrt(var + eps)
+        a = weight * invstd
+        gc, xc, yc, mc = grad.contiguous(), x.contiguous(), y.contiguous(), mean.contiguous()
+        threshold, keep_scale = dropout_args(p)
+        block_r, block_l, num_warps = kb.settings(R, L)
+        flags = dict(DROPOUT=p > 0, RELU=relu, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=num_warps)
+        launch = R * L > 0 and not _no_data(gc, xc, yc, mc, invstd, a, seed, gx, gres, sums)
+        if need_sums and launch:
+            with _device(x):
+                wrap_triton(reduce_kernel)[(triton.cdiv(R, block_r),)](
+                    gc, xc, yc, gres if want_res else gc, sums[0], sums[1], mc, invstd, seed, R, C, L, threshold,
+                    keep_scale, WRITE_RES=want_res, **flags)
+        if need_sums:
+            if R * L == 0:  # no launch: every sum is 0
+                sums.zero_()
+            gb, gw = sums[0].sum(0), sums[1].sum(0)  # two reductions: outputs may not alias
+        else:
+            gb = gw = None
+        if (want_x or (want_res and not need_sums)) and launch:
+            cb, cw = (gb / n, gw / n) if want_x and batch_stats else (a, a)  # (a, a): dummies, never read
+            with _device(x):
+                wrap_triton(bwd_kernel)[(triton.cdiv(R, block_r), triton.cdiv(L, block_l))](
+                    gc, xc, yc, gx if want_x else gc, gres if want_res else gc, mc, invstd, a, cb, cw, seed, R, C,
+                    L, threshold, keep_scale, BATCH_STATS=batch_stats, WRITE_X=want_x,
+                    WRITE_RES=want_res and not need_sums, **flags)
+        return (gx.to(x.dtype) if want_x else empty(), gw if want_w else empty(), gb if want_b else empty(),
+                gres.to(x.dtype) if want_res else empty())
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _, residual, stats_mean, stats_var, seed, eps, p, relu = inputs
+        y, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.batch_stats = stats_mean is None
+        if not ctx.batch_stats:
+            mean, var = stats_mean, stats_var
+        ctx.has_residual = residual is not None
+        ctx.eps, ctx.p, ctx.relu = eps, p, relu
+        ctx.save_for_backward(x, y, weight, mean, var, seed)
+
+    def backward(ctx, grad, grad_mean, grad_var):
+        x, y, weight, mean, var, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3] and ctx.has_residual]
+        grads = [None] * 10
+        if any(mask):
+            outs = torch.ops.skelemix._bn_epilogue_backward_triton(
+                grad, x, y, weight, mean.detach(), var.detach(), seed, ctx.eps, ctx.p, ctx.relu, ctx.batch_stats,
+                mask)
+            grads[:4] = [g if m else None for g, m in zip(outs, mask)]
+        return tuple(grads)
+
+    def no_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{op}: double backward (through its gradients) is not implemented; use impl='eager' for it")
+
+    def save_nothing(ctx, inputs, output):
+        pass
+
+    bn_epilogue_triton.register_autograd(backward, setup_context=setup_context)
+    bn_epilogue_backward_triton.register_autograd(no_double_backward, setup_context=save_nothing)
+
+
+def bn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                stats_mean: torch.Tensor | None, stats_var: torch.Tensor | None, seed: torch.Tensor, eps: float,
+                p: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``impl="triton"`` of ``skelemix.ops.bn_epilogue``: returns ``(y, mean, var)``, see
+    :func:`skelemix.reference.bn_epilogue`."""
+    register()
+    return torch.ops.skelemix.bn_epilogue_triton(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)

@@ -588,8 +588,9 @@ def test_encoder_matches_eager(ops):
     from skelemix.models import STGCN
 
     torch.manual_seed(0)
-    eager = STGCN(hidden_channels=4, hidden_dim=16, impl="eager")
-    triton_enc = STGCN(hidden_channels=4, hidden_dim=16, impl="triton")
+    # Both with fused epilogues (impl="eager": its reference), so both draw the same hash dropout masks.
+    eager = STGCN(hidden_channels=4, hidden_dim=16, impl="eager", fused_epilogue=True)
+    triton_enc = STGCN(hidden_channels=4, hidden_dim=16, impl="triton", fused_epilogue=True)
     triton_enc.load_state_dict(eager.state_dict())
     x = torch.randn(2, 3, 16, 25, 2)
     mask = torch.rand(2, 4, 25) < 0.5
@@ -624,7 +625,7 @@ def test_training_step_matches_eager(ops):
     results = []
     for impl in ("eager", "triton"):
         torch.manual_seed(0)
-        model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16, impl=impl), **cfg)
+        model = SkeleMixCLR(encoder=dict(hidden_channels=4, hidden_dim=16, impl=impl, fused_epilogue=True), **cfg)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         torch.manual_seed(1)  # the same dropout draws
         out = model(x, key, generator=torch.Generator().manual_seed(1))
@@ -658,7 +659,7 @@ def test_kernels_compile_for_hopper():
     script = Path(__file__).with_name("triton_compile_check.py")
     res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "FAILED" not in res.stdout, res.stdout + res.stderr
-    assert res.stdout.count("ok ") >= 3 * 5, res.stdout  # 5 kernels x 3 dtypes at least
+    assert res.stdout.count("ok ") >= 3 * 8, res.stdout  # 8 kernels x 3 dtypes at least
 
 
 def test_launch_settings_are_pure_and_bounded(ops):

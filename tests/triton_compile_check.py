@@ -33,7 +33,7 @@ def ints(names):
     return {n: "i32" for n in names.split()}
 
 
-km, kg, kc = (_triton._kernels(n) for n in ("mask_pool", "skelemix_gather", "graph_conv"))
+km, kg, kc, kb = (_triton._kernels(n) for n in ("mask_pool", "skelemix_gather", "graph_conv", "bn_epilogue"))
 for dt in ("fp32", "fp16", "bf16"):
     p = f"*{dt}"
     blocks = dict(BLOCK_C=4, BLOCK_S=1024)
@@ -58,4 +58,16 @@ for dt in ("fp32", "fp16", "bf16"):
                    **ints("N CIN COUT T V s_gn s_gc s_gt s_gv s_xn s_xi s_xt s_xv s_wo s_wi SPLIT")),
                    dict(HAS_BIAS=True, VP=32, BLOCK_C=32, BLOCK_I=32, BLOCK_T=2, **flags),
                    f"graph_conv_bwd_adjacency {dt}", num_warps=4)
+    f, seed, bn = "*fp32", "*i64", dict(threshold="i64", keep_scale="fp32")
+    compile_kernel(kb.bn_epilogue_fwd_kernel, dict(x_ptr=p, res_ptr=p, y_ptr=p, mean_ptr=f, a_ptr=f, bias_ptr=f,
+                   seed_ptr=seed, **ints("R C L"), **bn), dict(HAS_RES=True, DROPOUT=True, RELU=True, BLOCK_R=4,
+                   BLOCK_L=1024), f"bn_epilogue_fwd {dt}", num_warps=8)
+    compile_kernel(kb.bn_epilogue_bwd_reduce_kernel, dict(g_ptr=p, x_ptr=p, y_ptr=p, gres_ptr=p, sum_gp_ptr=f,
+                   sum_gpx_ptr=f, mean_ptr=f, invstd_ptr=f, seed_ptr=seed, **ints("R C L"), **bn),
+                   dict(DROPOUT=True, RELU=True, WRITE_RES=True, BLOCK_R=4, BLOCK_L=1024),
+                   f"bn_epilogue_bwd_reduce {dt}", num_warps=8)
+    compile_kernel(kb.bn_epilogue_bwd_kernel, dict(g_ptr=p, x_ptr=p, y_ptr=p, gx_ptr=p, gres_ptr=p, mean_ptr=f,
+                   invstd_ptr=f, a_ptr=f, cb_ptr=f, cw_ptr=f, seed_ptr=seed, **ints("R C L"), **bn),
+                   dict(DROPOUT=True, RELU=True, BATCH_STATS=True, WRITE_X=True, WRITE_RES=True, BLOCK_R=4,
+                        BLOCK_L=1024), f"bn_epilogue_bwd {dt}", num_warps=8)
 sys.exit(1 if failed else 0)

@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Tuple
 import torch
 
 from .. import _extension, reference
+from . import _triton
 from ._impl import select
 
 # (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
@@ -88,7 +89,7 @@ def _cpp(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
 
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
 # missing, raises an error that says how to build it (rather than "no such impl").
-_IMPLEMENTATIONS = {"eager": reference.bn_epilogue, "cpp": _cpp, "cuda": _cpp}
+_IMPLEMENTATIONS = {"eager": reference.bn_epilogue, "cpp": _cpp, "cuda": _cpp, "triton": _triton.bn_epilogue}
 
 
 def draw_seed(device) -> torch.Tensor:

@@ -86,9 +86,9 @@ class TrainConfig:
     seed: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     impl: str = "auto"
-    # "on": each ST-GCN block runs its BatchNorms, dropout, residual add and ReLUs as two fused bn_epilogue
-    # calls (dropout masks from a counter hash); "off": the plain modules; "auto": on unless impl is eager.
-    fused_epilogue: str = "auto"  # auto | on | off
+    # "fused": each ST-GCN block runs its BatchNorms, dropout, residual add and ReLUs as two bn_epilogue calls
+    # (dropout masks from a counter hash); "modules": the plain modules; "auto": fused unless impl is eager.
+    epilogue: str = "auto"  # auto | fused | modules
     # The fast path. data_placement "device": keep the training set on the device and index batches there
     # (no DataLoader workers, no per-sample CPU work); "host": a DataLoader; "auto": device for a CUDA device
     # when the data takes under half its free memory. amp: bf16 autocast of the encoders (none by default
@@ -137,7 +137,7 @@ _CHOICES = {
     "model.spatial_mode": SPATIAL_MODES,
     "model.partner": PARTNERS,
     "train.impl": IMPLS,
-    "train.fused_epilogue": ("auto", "on", "off"),
+    "train.epilogue": ("auto", "fused", "modules"),
     "train.data_placement": ("auto", "device", "host"),
     "train.amp": ("none", "bf16"),
     "optim.name": ("sgd", "adamw"),
@@ -336,7 +336,7 @@ def make_pretrain_model(config: Config):
         m.variant, encoder=dict(hidden_channels=m.hidden_channels, hidden_dim=m.hidden_dim, dropout=m.dropout,
                                 edge_importance=m.edge_importance, graph=dict(layout=m.layout, strategy=m.graph),
                                 impl=config.train.impl,
-                                fused_epilogue={"auto": None, "on": True, "off": False}[config.train.fused_epilogue]),
+                                fused_epilogue={"auto": None, "fused": True, "modules": False}[config.train.epilogue]),
         feature_dim=m.feature_dim, queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,
         alpha=m.alpha, repeat_reduction=m.repeat_reduction, official_key_init=m.official_key_init,
         mix=dict(mode=m.mix_mode, spatial_mode=m.spatial_mode, per_sample=m.per_sample, partner=m.partner),

@@ -268,12 +268,12 @@ def test_fused_dropout_draws_differ_per_call_and_follow_the_seed():
 
 
 @pytest.mark.parametrize("setting, impl, expected", [("auto", "eager", False), ("auto", "cpp", True),
-                                                     ("on", "eager", True), ("off", "cpp", False)])
+                                                     ("fused", "eager", True), ("modules", "cpp", False)])
 def test_config_switch(setting, impl, expected):
-    """train.fused_epilogue reaches the encoders: auto fuses unless impl is eager."""
+    """train.epilogue reaches the encoders: auto fuses unless impl is eager."""
     from skelemix.config import build_config, make_pretrain_model
 
-    config = build_config({}, [f"train.fused_epilogue={setting}", f"train.impl={impl}", "model.queue_size=64",
+    config = build_config({}, [f"train.epilogue={setting}", f"train.impl={impl}", "model.queue_size=64",
                                         "train.batch_size=16"])
     model = make_pretrain_model(config)
     encoder = model.encoder_q
@@ -284,5 +284,5 @@ def test_config_switch(setting, impl, expected):
 def test_config_switch_rejects_unknown_values():
     from skelemix.config import ConfigError, build_config
 
-    with pytest.raises(ConfigError, match="train.fused_epilogue"):
-        build_config({}, ["train.fused_epilogue=yes"])
+    with pytest.raises(ConfigError, match="train.epilogue"):
+        build_config({}, ["train.epilogue=yes"])

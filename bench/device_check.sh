@@ -47,7 +47,7 @@ stage "gpu parity (fp32, bf16)" sanitizer.log 60 $PY -m bench.gpu_parity --impl 
 # Most important first, so that a run cut short by its limit still has the end-to-end numbers.
 stage "benchmarks" bench.log 200 env SKELEMIX_BENCH_JSON="$OUT/bench.json" $PY -m pytest -q -p no:cacheprovider \
   bench/bench_machine.py bench/bench_model.py bench/bench_mask_pool.py bench/bench_skelemix_gather.py \
-  bench/bench_graph_conv.py bench/bench_data.py \
+  bench/bench_graph_conv.py bench/bench_bn_epilogue.py bench/bench_data.py \
   --benchmark-columns=median,min,rounds
 if [ -f "$OUT/bench.json" ]; then
   stage "report" bench.log 30 $PY -m bench.report "$OUT/bench.json" --markdown "$OUT/report.md" --png "$OUT/report.png"

@@ -14,7 +14,7 @@ import torch
 
 from skelemix import _extension, reference, testing
 
-OPS = ("mask_pool", "graph_conv", "skelemix_gather")
+OPS = ("mask_pool", "graph_conv", "skelemix_gather", "bn_epilogue")
 FORWARD_ONLY = ("skelemix_gather",)  # no backward: its inputs never require grad
 
 

@@ -146,7 +146,9 @@ class Trainer:
         o = config.optim
         self.optimizer = (torch.optim.SGD(self.params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                           nesterov=o.nesterov) if o.name == "sgd" else
-                          torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay))
+                          # Captured AdamW keeps its step counters on the device (capturable=True).
+                          torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay,
+                                            capturable=t.cuda_graph == "on"))
         self.steps_per_epoch = len(self.train_set) // t.batch_size  # drop_last, as the official loader
         self.sampler = distributed.ResumableDistributedSampler(self.train_set, t.batch_size, self.world, self.rank,
                                                                seed=t.seed)
@@ -181,6 +183,7 @@ class Trainer:
         self._check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._set_capturable()
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         if self.graphed is not None:  # a captured graph would still point at the replaced optimizer state
             self.graphed.reset()
@@ -205,6 +208,17 @@ class Trainer:
             keep = [line for line in metrics.read_text().splitlines()
                     if line and json.loads(line).get("global_step", 0) <= self.global_step]
             metrics.write_text("".join(line + "\n" for line in keep))
+
+    def _set_capturable(self):
+        """AdamW's ``capturable`` (and where its step counters live) as this run needs, whatever the run that
+        wrote the checkpoint used: on the device under train.cuda_graph=on, else on the host."""
+        capturable = self.graphed is not None
+        for group in self.optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = capturable
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(self.device if capturable else "cpu", torch.float32)
 
     def _check_resumable(self, path: Path, ckpt: dict):
         """The epoch position and queue pointer of a checkpoint count global batches of its run: another number

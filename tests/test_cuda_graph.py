@@ -133,12 +133,7 @@ def test_cuda_graph_config_errors(tmp_path, capsys, override, message):
     with pytest.raises(ConfigError, match=message):
         build_config({}, TINY + ["train.device=cpu", override])
     assert run(tmp_path, "--set", "train.device=cpu", "--set", override) == 2
-    assert "error: " + message.replace("\\", "")[:30] in capsys.readouterr().err
-
-
-def test_cuda_graph_on_needs_sgd():
-    with pytest.raises(ConfigError, match="train.cuda_graph=on: expected optim.name sgd .*; got optim.name adamw"):
-        build_config({}, TINY + ["train.cuda_graph=on", "optim.name=adamw"])
+    assert "error: " + message.replace("\\", "") in capsys.readouterr().err
 
 
 def test_cuda_graph_on_needs_a_cuda_device_and_one_process(tmp_path, monkeypatch):
@@ -162,29 +157,34 @@ def test_cuda_graph_auto_and_off_do_not_capture(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- GPU
 GPU = ["train.device=cuda", "data.synthetic_train=64", "model.queue_size=32", "optim.lr=0.01"]
+OPTIMS = {"sgd": [], "adamw": ["optim.name=adamw", "optim.lr=0.001"]}
 
 
 def _run_steps(tmp_path, steps, *extra):
     trainer = _trainer(tmp_path, *GPU, *extra)
+    if trainer.graphed is None:  # the same AdamW update as the captured run's (step counters on the device)
+        for group in trainer.optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = True
     parts = [trainer.train_step(x) for x in _batches(trainer, steps)]
     torch.cuda.synchronize()
     return trainer, parts
 
 
 @pytest.mark.needs_cuda
-def test_captured_training_follows_the_uncaptured_one(tmp_path):
+@pytest.mark.parametrize("optim", list(OPTIMS))
+def test_captured_training_follows_the_uncaptured_one(tmp_path, optim):
     """7 steps with train.cuda_graph=on (3 warm-up steps, a capture, 4 replays) against =off: every logged
     value within 1e-3 relative (the same draws, the same dropout offsets; only the order of floating-point
     reductions may differ), the weights, queue and BN statistics within 1e-3 relative + 1e-5 absolute."""
-    off, parts_off = _run_steps(tmp_path / "off", 7, "train.cuda_graph=off")
-    on, parts_on = _run_steps(tmp_path / "on", 7, "train.cuda_graph=on")
+    off, parts_off = _run_steps(tmp_path / "off", 7, "train.cuda_graph=off", *OPTIMS[optim])
+    on, parts_on = _run_steps(tmp_path / "on", 7, "train.cuda_graph=on", *OPTIMS[optim])
     assert on.graphed.graph is not None and on.graphed.steps == 7
     for step, (a, b) in enumerate(zip(parts_off, parts_on), 1):
         assert a.keys() == b.keys()
         for k in a:
-            assert math.isfinite(b[k]) or math.isnan(a[k]), (step, k)
-            if math.isfinite(a[k]):
-                assert abs(a[k] - b[k]) <= 1e-3 * max(abs(a[k]), 1e-3), (step, k, a[k], b[k])
+            assert math.isfinite(a[k]) and math.isfinite(b[k]), (step, k, a[k], b[k])
+            assert abs(a[k] - b[k]) <= 1e-3 * max(abs(a[k]), 1e-3), (step, k, a[k], b[k])
     s_off, s_on = off.model.state_dict(), on.model.state_dict()
     for k in s_off:
         torch.testing.assert_close(s_on[k], s_off[k], rtol=1e-3, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
@@ -292,8 +292,26 @@ def test_captured_run_through_the_command_line(tmp_path):
     """3 epochs of 2 steps: warm-up, capture and replays across epoch boundaries, kNN monitor and checkpoints."""
     from test_train import step_losses
 
-    assert run(tmp_path, "--epochs", "3", "--set", "train.device=cuda", "--set", "train.cuda_graph=on") == 0
+    cuda = ["--set", "train.device=cuda"]
+    assert run(tmp_path, "--epochs", "3", *cuda, "--set", "train.cuda_graph=on") == 0  # the demo's AdamW
     losses = step_losses(tmp_path)
     assert len(losses) == 6 and all(math.isfinite(v) for _, v in losses)
     state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
     assert int(state["model"]["queue_ptr"]) == (6 * 8) % 16
+    assert all(s["step"].is_cuda for s in state["optimizer"]["state"].values())
+
+
+@pytest.mark.needs_cuda
+def test_resume_switches_cuda_graph_both_ways(tmp_path):
+    """AdamW's step counters follow the run: host tensors without the graph, device tensors (capturable) with it."""
+    cuda = ["--set", "train.device=cuda"]
+    assert run(tmp_path, "--epochs", "5", *cuda, "--max-steps", "2", "--set", "train.cuda_graph=off") == 0
+    # Steps 3-5 warm up, step 6 is captured, step 7 replayed.
+    assert run(tmp_path, "--epochs", "5", *cuda, "--max-steps", "7", "--resume", "--set", "train.cuda_graph=on") == 0
+    state = torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)
+    assert all(s["step"].is_cuda for s in state["optimizer"]["state"].values())
+    assert run(tmp_path, "--epochs", "5", *cuda, "--resume", "--set", "train.cuda_graph=off") == 0
+    from test_train import step_losses
+
+    losses = step_losses(tmp_path)
+    assert [s for s, _ in losses] == list(range(1, 11)) and all(math.isfinite(v) for _, v in losses)

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -503,7 +504,9 @@ class GraphedStep:
             current = torch.cuda.current_stream()
             if self.graph is None and self.steps < self.warmup:
                 self.stream.wait_stream(current)
-                with torch.cuda.stream(self.stream):
+                with torch.cuda.stream(self.stream), warnings.catch_warnings():
+                    # A capturable optimizer (AdamW) warns when it steps uncaptured: here that is the point.
+                    warnings.filterwarnings("ignore", message=".*capturable=True.*")
                     self.optimizer.zero_grad(set_to_none=True)
                     parts = self._step()
                 current.wait_stream(self.stream)

@@ -160,11 +160,12 @@ class SkeleMixCLR(nn.Module):
         # of a view come from one gather launch; each is still encoded on its own (BatchNorm statistics are
         # per batch of N).
         if mix_draws is None:
-            mix_draws = [{k: v.to(q.device) for k, v in mixer.draw(q.shape, int(row[4]), generator).items()}
-                         for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
+            mixed = [mixer.batches(q, int(row[4]), generator)
+                     for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
         elif len(mix_draws) != len(self.mixers):
             raise ValueError(f"got mixing draws for {len(mix_draws)} query views; the model mixes {len(self.mixers)}")
-        mixed = [mixer.apply(q, d, sync_free) for q, mixer, d in zip(queries, self.mixers, mix_draws)]
+        else:
+            mixed = [mixer.apply(q, d, sync_free) for q, mixer, d in zip(queries, self.mixers, mix_draws)]
         q_feats = [_unit(self.encoder_q(q)) for q in queries]
         pc_feats = [[tuple(_unit(f) for f in self.encoder_q(mb.x, mb.mask)) for mb in view] for view in mixed]
         with torch.no_grad():

@@ -144,8 +144,8 @@ class SkeleMixCLR(nn.Module):
                 ``shuffle_key_bn``, the key shuffle.
             mix_draws: the mixing draws of :meth:`draw_mixes`, on the device: then nothing is drawn for the
                 mixing (the result is that of drawing them here from the same generator state).
-            sync_free: mix with device-side indexing (:meth:`SkeleMix.apply`): no host synchronisation in the
-                whole step, as CUDA graph capture needs.
+            sync_free: with ``mix_draws``, mix with device-side indexing (:meth:`SkeleMix.apply`): then the
+                forward, backward and enqueue never synchronise with the host, as CUDA graph capture needs.
 
         Returns a dict with ``loss`` (to backpropagate) and detached parts ``loss_ins``, ``loss_p``,
         ``loss_c`` (per-term means over views/mixes) and ``acc_ins`` (instance top-1 of the positive).

@@ -1,11 +1,13 @@
 """End to end: the paper's ST-GCN encoder forward+backward, and one full SkeleMixCLR+ training step
-(query + 3 mixed batches through the query encoder, the key through the momentum encoder, SGD update)."""
+(query + 3 mixed batches through the query encoder, the key through the momentum encoder, SGD update).
+The "+graph" providers replay the step's device work as one CUDA graph (``train.cuda_graph=on``)."""
 import pytest
 import torch
 
 from bench.common import BATCH, DEVICE, measure, skip_unless_provider
-from skelemix.augment import pretrain_augment
+from skelemix.augment import apply_augment, draw_augment, pretrain_augment
 from skelemix.config import load_config, make_encoder, make_pretrain_model
+from skelemix.train import GraphedStep
 
 T, V, M = 64, 25, 2
 
@@ -49,10 +51,14 @@ def test_encoder_fwd_bwd(benchmark, provider):
             shapes={"x": list(x.shape), "hidden": [16, 256]}, bytes=traffic, flops=flops)
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cuda+bf16", "triton+bf16"])
+@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cuda+bf16", "triton+bf16",
+                                      "cuda+graph", "triton+graph"])
 def test_training_step(benchmark, provider):
-    provider, _, amp = provider.partition("+")  # "+bf16": the encoders under bf16 autocast (train.amp=bf16)
+    provider, _, variant = provider.partition("+")  # "+bf16": the encoders under bf16 autocast (train.amp=bf16)
+    amp = "bf16" if variant == "bf16" else ""
     skip_unless_provider(provider)
+    if variant == "graph" and DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
     config = load_config("paper.yaml", [f"train.impl={_impl_of(provider)}"])
     model = make_pretrain_model(config).to(DEVICE)
     if provider == "compile":
@@ -62,7 +68,7 @@ def test_training_step(benchmark, provider):
     generator = torch.Generator().manual_seed(0)
     repeats = int(config.model.swap_params[0][4])
 
-    def step():
+    def eager_step():
         q = pretrain_augment(x, config.data.shear, config.data.temporal_ratio, generator=generator)
         k = pretrain_augment(x, config.data.shear, config.data.temporal_ratio, generator=generator)
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
@@ -71,9 +77,22 @@ def test_training_step(benchmark, provider):
         loss.backward()
         optimizer.step()
 
+    # "+graph": the same draws on the host, the device work replayed; its warm-up step and the capture fall in
+    # measure()'s untimed calls.
+    def device_work(x, d):
+        return model(apply_augment(x, d["q"]), apply_augment(x, d["k"]), mix_draws=d["mix"], sync_free=True)
+
+    graphed = GraphedStep(device_work, optimizer, DEVICE, warmup=1) if variant == "graph" else None
+
+    def graphed_step():
+        draws = {v: draw_augment(x.shape, config.data.shear, config.data.temporal_ratio, generator) for v in ("q", "k")}
+        graphed(x, {**draws, "mix": model.draw_mixes(x.shape, generator)})
+
+    step = graphed_step if graphed is not None else eager_step
+
     enc = model.encoder_q
     fb_flops, fb_bytes = encoder_cost(enc, BATCH, T)
     f_flops, f_bytes = encoder_cost(enc, BATCH, T, backward=False)
-    measure(benchmark, step, group="model/SkeleMixCLR+ step", provider=provider + (f"+{amp}" if amp else ""),
+    measure(benchmark, step, group="model/SkeleMixCLR+ step", provider=provider + (f"+{variant}" if variant else ""),
             shapes={"x": list(x.shape), "mixes": repeats, "queue": config.model.queue_size},
             flops=(1 + repeats) * fb_flops + f_flops, bytes=(1 + repeats) * fb_bytes + f_bytes)

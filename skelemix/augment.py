@@ -3,8 +3,13 @@
 Every function takes a batch ``(N, C, T, V, M)`` on any device, keeps its dtype (float32 in practice; the
 official feeders drifted to float64) and draws one set of random parameters per sample from a CPU torch
 generator (the global one unless given), so results do not depend on the device.
+
+The draws and their application are separate functions (:func:`draw_augment`, :func:`apply_augment`): the
+trainer draws on the host and applies on the device, which then needs no host synchronisation (CUDA graphs).
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +26,20 @@ def _check_batch(x: torch.Tensor, name: str = "x"):
         raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
 
 
+def draw_shear(n: int, amplitude: float = 0.5, generator=None) -> torch.Tensor:
+    """The ``(n, 3, 3)`` float32 matrices of :func:`shear` (on the host)."""
+    ab = (torch.rand(n, 2, 3, generator=generator) * 2 - 1) * amplitude  # [:, 0] = a0..a2, [:, 1] = b0..b2
+    S = torch.eye(3).repeat(n, 1, 1)
+    S[:, 0, 1], S[:, 1, 0], S[:, 2, 0] = ab[:, 0, 0], ab[:, 0, 1], ab[:, 0, 2]
+    S[:, 0, 2], S[:, 1, 2], S[:, 2, 1] = ab[:, 1, 0], ab[:, 1, 1], ab[:, 1, 2]
+    return S
+
+
+def apply_shear(x: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``x'[n, c] = sum_j S[n, c, j] x[n, j]``."""
+    return torch.einsum("ncj,njtvm->nctvm", S.to(x), x)
+
+
 def shear(x: torch.Tensor, amplitude: float = 0.5, generator=None) -> torch.Tensor:
     """``x'[c] = sum_j S[c, j] x[j]`` with ``S = [[1, a0, b0], [a1, 1, b1], [a2, b2, 1]]``, a, b ~ U(-r, r).
 
@@ -31,12 +50,25 @@ def shear(x: torch.Tensor, amplitude: float = 0.5, generator=None) -> torch.Tens
         return x
     if x.shape[1] != 3:
         raise ValueError(f"shear needs 3 coordinates per joint; x has C={x.shape[1]}")
-    N = x.shape[0]
-    ab = (torch.rand(N, 2, 3, generator=generator) * 2 - 1) * amplitude  # [:, 0] = a0..a2, [:, 1] = b0..b2
-    S = torch.eye(3).repeat(N, 1, 1)
-    S[:, 0, 1], S[:, 1, 0], S[:, 2, 0] = ab[:, 0, 0], ab[:, 0, 1], ab[:, 0, 2]
-    S[:, 0, 2], S[:, 1, 2], S[:, 2, 1] = ab[:, 1, 0], ab[:, 1, 1], ab[:, 1, 2]
-    return torch.einsum("ncj,njtvm->nctvm", S.to(x), x)
+    return apply_shear(x, draw_shear(x.shape[0], amplitude, generator))
+
+
+def draw_shift(n: int, frames: int, ratio: int = 6, generator=None) -> torch.Tensor | None:
+    """The ``(n, frames)`` int64 source frame of every output frame of :func:`temporal_shift` (on the host), or
+    None when the shift is the identity (``ratio <= 0`` or ``frames // ratio == 0``)."""
+    p = frames // ratio if ratio > 0 else 0
+    if p == 0:
+        return None
+    start = torch.randint(0, 2 * p + 1, (n, 1), generator=generator)
+    j = start + torch.arange(frames)[None] - p  # frame index in the unpadded sequence, may fall outside [0, T)
+    j = torch.where(j < 0, -j - 1, j)  # symmetric: -1 -> 0, -2 -> 1, ...
+    return torch.where(j >= frames, 2 * frames - 1 - j, j)  # T -> T-1, T+1 -> T-2, ...
+
+
+def apply_shift(x: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """``x'[n, :, t] = x[n, :, frame[n, t]]``."""
+    index = frame.to(x.device)[:, None, :, None, None].expand(-1, x.shape[1], -1, x.shape[3], x.shape[4])
+    return torch.gather(x, 2, index)
 
 
 def temporal_shift(x: torch.Tensor, ratio: int = 6, generator=None) -> torch.Tensor:
@@ -46,18 +78,8 @@ def temporal_shift(x: torch.Tensor, ratio: int = 6, generator=None) -> torch.Ten
     ``ratio <= 0`` is the identity.
     """
     _check_batch(x)
-    if ratio <= 0:
-        return x
-    N, _, T, _, _ = x.shape
-    p = T // ratio
-    if p == 0:
-        return x
-    start = torch.randint(0, 2 * p + 1, (N, 1), generator=generator)
-    j = start + torch.arange(T)[None] - p  # frame index in the unpadded sequence, may fall outside [0, T)
-    j = torch.where(j < 0, -j - 1, j)  # symmetric: -1 -> 0, -2 -> 1, ...
-    j = torch.where(j >= T, 2 * T - 1 - j, j)  # T -> T-1, T+1 -> T-2, ...
-    index = j.to(x.device)[:, None, :, None, None].expand(-1, x.shape[1], -1, x.shape[3], x.shape[4])
-    return torch.gather(x, 2, index)
+    frame = draw_shift(x.shape[0], x.shape[2], ratio, generator)
+    return x if frame is None else apply_shift(x, frame)
 
 
 def resize(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -79,6 +101,31 @@ def pretrain_augment(x: torch.Tensor, shear_amplitude: float = 0.5, temporal_rat
     return shear(temporal_shift(x, temporal_ratio, generator), shear_amplitude, generator)
 
 
+def draw_augment(shape, shear_amplitude: float = 0.5, temporal_ratio: int = 6, generator=None) -> dict:
+    """The random parameters of one :func:`pretrain_augment` view of a batch of ``shape`` (without resize), drawn
+    on the host in the same order: ``{"shift": (N, T) int64, "shear": (N, 3, 3) float32}``, each left out when
+    that augmentation is the identity."""
+    N, C, T = shape[:3]
+    draws = {}
+    frame = draw_shift(N, T, temporal_ratio, generator)
+    if frame is not None:
+        draws["shift"] = frame
+    if shear_amplitude > 0:
+        if C != 3:
+            raise ValueError(f"shear needs 3 coordinates per joint; x has C={C}")
+        draws["shear"] = draw_shear(N, shear_amplitude, generator)
+    return draws
+
+
+def apply_augment(x: torch.Tensor, draws: dict) -> torch.Tensor:
+    """:func:`pretrain_augment` of ``x`` with the parameters of :func:`draw_augment` (on the device of ``x``:
+    then it launches device work only)."""
+    _check_batch(x)
+    if "shift" in draws:
+        x = apply_shift(x, draws["shift"])
+    return apply_shear(x, draws["shear"]) if "shear" in draws else x
+
+
 def to_view(x: torch.Tensor, view: str, layout: str | Layout = "ntu-rgb+d") -> torch.Tensor:
     """The input stream: ``joint`` (identity), ``motion`` (frame differences, last frame 0) or ``bone``
     (joint minus its parent; the root's bone is 0)."""
@@ -91,5 +138,12 @@ def to_view(x: torch.Tensor, view: str, layout: str | Layout = "ntu-rgb+d") -> t
         layout = get_layout(layout)
         if x.shape[3] != layout.num_joints:
             raise ValueError(f"bone view of layout {layout.name!r} needs V={layout.num_joints}; got {x.shape[3]}")
-        return x - x[:, :, :, layout.parents()]
+        return x - x[:, :, :, _parents(tuple(layout.parents()), x.device)]
     raise ValueError(f"view must be one of {', '.join(VIEWS)}; got {view!r}")
+
+
+@lru_cache(maxsize=None)
+def _parents(parents: tuple, device: torch.device) -> torch.Tensor:
+    """``parents`` as an index tensor kept on ``device``: indexing with a Python list would copy it from the
+    host on every call (not allowed while a CUDA graph is captured)."""
+    return torch.tensor(parents, dtype=torch.long, device=device)

@@ -92,9 +92,13 @@ class TrainConfig:
     # The fast path. data_placement "device": keep the training set on the device and index batches there
     # (no DataLoader workers, no per-sample CPU work); "host": a DataLoader; "auto": device for a CUDA device
     # when the data takes under half its free memory. amp: bf16 autocast of the encoders (none by default
-    # until GPU runs have validated it).
+    # until GPU runs have validated it). cuda_graph: capture the whole training step (augmentation, mixing,
+    # both encoders, losses, backward, optimizer step, momentum update, enqueue) as one CUDA graph and replay
+    # it every step; the random draws stay on the host (the same generator, the same order). "on" needs one
+    # CUDA process; "auto" means off until a GPU run has validated it (as amp).
     data_placement: str = "auto"  # auto | device | host
     amp: str = "none"  # none | bf16
+    cuda_graph: str = "auto"  # auto | on | off
     out: str = "runs/pretrain"
     save_interval: int = 5  # epochs between kept checkpoints (the latest is always kept)
     knn_interval: int = 5  # epochs between kNN monitor runs (and at the last epoch); 0: off
@@ -140,11 +144,15 @@ _CHOICES = {
     "train.epilogue": ("auto", "fused", "modules"),
     "train.data_placement": ("auto", "device", "host"),
     "train.amp": ("none", "bf16"),
+    "train.cuda_graph": ("auto", "on", "off"),
     "optim.name": ("sgd", "adamw"),
     "optim.lr_scaling": ("none", "linear"),
     "dist.backend": BACKENDS,
     "dist.bn": BN_MODES,
 }
+
+
+_ON_OFF = ("train.cuda_graph",)  # str keys with on/off values
 
 
 def _check_type(key: str, value: Any, hint) -> Any:
@@ -236,6 +244,8 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
                 raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?"
                                                                            if hint else f"; valid: {', '.join(hints)}"))
             full = f"{section}.{key}"
+            if full in _ON_OFF and isinstance(value, bool):  # YAML reads a bare on/off (and yes/no) as a bool
+                value = "on" if value else "off"
             value = _check_type(full, value, hints[key])
             if full in _CHOICES and value not in _CHOICES[full]:
                 raise ConfigError(f"{full}: expected one of {', '.join(map(str, _CHOICES[full]))}; got {value!r}")
@@ -281,6 +291,9 @@ def validate(c: Config) -> None:
         need(row[3] * stride <= d.frames, f"model.swap_params: tem_u={row[3]} blocks of {stride} frames exceed "
                                          f"data.frames={d.frames}")
     need(len(rows) <= 1, "model.swap_params: several query views (rows) are not supported by the trainer yet")
+    # The device, when "auto", and the number of processes are checked by the trainer.
+    need(not (t.cuda_graph == "on" and t.device == "cpu"), "train.cuda_graph=on: expected a CUDA device; got "
+                                                           "train.device cpu")
 
 
 def base_lr(c: Config) -> float:

@@ -4,7 +4,8 @@ The defaults are the official ones: one region and one cyclic partner shift shar
 ``per_sample=True`` draws a region per sample and ``partner="derangement"`` a random fixed-point-free
 permutation. All randomness comes from one torch generator (the global one unless given), drawn on the
 CPU, so a seed reproduces the same regions on every device. ``SkeleMix.batches`` builds several mixed copies
-of a batch with one :func:`skelemix.ops.skelemix_gather` launch.
+of a batch with one :func:`skelemix.ops.skelemix_gather` launch; it is ``SkeleMix.draw`` (the host part)
+followed by ``SkeleMix.apply`` (the device part), which the trainer also calls separately.
 """
 from __future__ import annotations
 
@@ -126,35 +127,88 @@ class SkeleMix:
         region, per repeat), so the batches are identical to theirs. With ``mode="swap"`` each ``.x`` is a view
         of one ``(repeats * N, C, T, V, M)`` tensor.
         """
-        if x.dim() != 5 or x.shape[3] != self.num_joints:
-            raise ValueError(f"x must have shape (N, C, T, {self.num_joints}, M); got {tuple(x.shape)}")
+        draws = self.draw(x.shape, repeats, generator)
+        return self.apply(x, {k: v.to(x.device) for k, v in draws.items()})
+
+    def _check_shape(self, shape) -> None:
+        if len(shape) != 5 or shape[3] != self.num_joints:
+            raise ValueError(f"x must have shape (N, C, T, {self.num_joints}, M); got {tuple(shape)}")
+        if shape[2] % self.block:
+            raise ValueError(f"the sequence length T={shape[2]} must be a multiple of the encoder's temporal stride "
+                             f"{self.block}, so the mixed region maps onto whole feature cells")
+
+    def draw(self, shape, repeats: int, generator=None) -> dict[str, torch.Tensor]:
+        """The random draws of :meth:`batches` for a batch of ``shape``, on the host, in the same order.
+
+        ``mode="swap"``: ``partner (R, N)`` int64, ``joints (R, G, V)`` bool, ``span (R, G, 2)`` int64;
+        otherwise ``mask (R, G, T // block, V)`` bool and, for ``"gaussian"``, ``fill (R, N, C, T, V, M)``.
+        ``G`` is N with ``per_sample`` and 1 otherwise. All shapes depend on ``shape`` and ``repeats`` only.
+        """
+        self._check_shape(shape)
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1; got {repeats}")
-        N, _, T, _, _ = x.shape
-        if T % self.block:
-            raise ValueError(f"the sequence length T={T} must be a multiple of the encoder's temporal stride "
-                             f"{self.block}, so the mixed region maps onto whole feature cells")
+        N, T = shape[0], shape[2]
         groups, blocks = (N if self.per_sample else 1), T // self.block
         if self.mode != "swap":
-            out = []
+            masks, fills = [], []
             for _ in range(repeats):
-                mask = self.sample_mask(groups, blocks, generator)
-                region = mask.repeat_interleave(self.block, dim=1).to(x.device)
-                with torch.no_grad():
-                    fill = (torch.zeros_like(x) if self.mode == "zeros"
-                            else torch.randn(x.shape, generator=generator).to(x))
-                    out.append(MixedBatch(torch.where(region[:, None, :, :, None], fill, x), mask.to(x.device), None))
-            return out
+                masks.append(self.sample_mask(groups, blocks, generator))
+                if self.mode == "gaussian":
+                    fills.append(torch.randn(tuple(shape), generator=generator))
+            return {"mask": torch.stack(masks), **({"fill": torch.stack(fills)} if fills else {})}
         draws = []
         for _ in range(repeats):
             partner = self.sample_partner(N, generator)
             draws.append((partner, *self.sample_region(groups, blocks, generator)))
-        partner, joints, span = (torch.stack(d).to(x.device) for d in zip(*draws))
+        partner, joints, span = (torch.stack(d) for d in zip(*draws))
+        return {"partner": partner, "joints": joints, "span": span}
+
+    def apply(self, x: torch.Tensor, draws: dict[str, torch.Tensor], sync_free: bool = False) -> list[MixedBatch]:
+        """The mixed batches of ``x`` from :meth:`draw`'s draws (on the device of ``x``).
+
+        ``sync_free=True`` builds the swap mixes with device-side indexing instead of
+        :func:`skelemix.ops.skelemix_gather`, whose value checks copy ``partner`` and ``span`` to the host (a
+        synchronisation that CUDA graph capture forbids); the result is the same copy. The draws of
+        :meth:`draw` are valid by construction.
+        """
+        self._check_shape(x.shape)
+        N = x.shape[0]
         with torch.no_grad():
-            mixed, mask = ops.skelemix_gather(x, partner, joints, span, self.block, impl=self.impl)
+            if self.mode != "swap":
+                masks = draws["mask"]
+                region = _frames(masks, self.block)  # (R, G, T, V)
+                out = []
+                for r in range(masks.shape[0]):
+                    fill = torch.zeros_like(x) if self.mode == "zeros" else draws["fill"][r].to(x)
+                    out.append(MixedBatch(torch.where(region[r][:, None, :, :, None], fill, x), masks[r], None))
+                return out
+            partner, joints, span = draws["partner"], draws["joints"], draws["span"]
+            if sync_free:
+                mixed, mask = _gather(x, partner, joints, span, self.block)
+            else:
+                mixed, mask = ops.skelemix_gather(x, partner, joints, span, self.block, impl=self.impl)
         # A shared region has identical rows for every sample: keep one, as the (1, T', V) mask pooling expects.
         return [MixedBatch(mixed[r * N:(r + 1) * N], mask[r] if self.per_sample else mask[r, :1], partner[r])
-                for r in range(repeats)]
+                for r in range(partner.shape[0])]
+
+
+def _frames(mask: torch.Tensor, block: int) -> torch.Tensor:
+    """A block-resolution mask ``(..., blocks, V)`` at frame resolution ``(..., blocks * block, V)``; the same
+    as ``repeat_interleave(block, dim=-2)``, as a view expansion (no host synchronisation)."""
+    *lead, blocks, V = mask.shape
+    return mask.unsqueeze(-2).expand(*lead, blocks, block, V).reshape(*lead, blocks * block, V)
+
+
+def _gather(x, partner, joints, span, block):
+    """:func:`skelemix.ops.skelemix_gather` for ``T`` a multiple of ``block`` with device-side indexing only
+    (the eager reference with its ``repeat_interleave`` replaced by :func:`_frames`)."""
+    N, _, T, V, _ = x.shape
+    R, G = joints.shape[:2]
+    b = torch.arange(T // block, device=x.device)
+    frames = (b >= span[..., :1]) & (b < span[..., 1:])  # (R, G, Tb)
+    mask = (frames[..., None] & joints[:, :, None, :]).expand(R, N, T // block, V).contiguous()
+    mixed = torch.where(_frames(mask, block)[:, :, None, :, :, None], x[partner], x[None])
+    return mixed.reshape(R * N, *x.shape[1:]), mask
 
 
 def block_mask(joints: torch.Tensor, span: torch.Tensor, blocks: int) -> torch.Tensor:

@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import yaml
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed, ops
-from .augment import pretrain_augment, to_view
+from .augment import apply_augment, draw_augment, to_view
 from .checkpoint import PRETRAIN_FORMAT, load_checkpoint, save_checkpoint
 from .config import (Config, ConfigError, base_lr, describe_batch_and_lr, list_configs, load_config, make_encoder,
                      make_pretrain_model, resolve_device)
@@ -108,6 +109,12 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", distributed.local_rank())
         ops.check_impl_available(t.impl, self.device)
+        # train.cuda_graph "auto" is off until a GPU run has validated the captured step (as train.amp).
+        if t.cuda_graph == "on" and self.device.type != "cuda":
+            raise ConfigError(f"train.cuda_graph=on: expected a CUDA device; got device {self.device}")
+        if t.cuda_graph == "on" and self.world > 1:
+            raise ConfigError(f"train.cuda_graph=on: expected one process; got {self.world} (DistributedDataParallel's "
+                              "gradient all-reduce and the key all-gather are not captured)")
         if t.batch_size % self.world:
             raise ConfigError(f"train.batch_size ({t.batch_size}) is the global batch and must be divisible by the "
                               f"number of processes ({self.world})")
@@ -140,11 +147,17 @@ class Trainer:
         o = config.optim
         self.optimizer = (torch.optim.SGD(self.params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                           nesterov=o.nesterov) if o.name == "sgd" else
-                          torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay))
+                          # Captured AdamW keeps its step counters on the device (capturable=True).
+                          torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay,
+                                            capturable=t.cuda_graph == "on"))
         self.steps_per_epoch = len(self.train_set) // t.batch_size  # drop_last, as the official loader
         self.sampler = distributed.ResumableDistributedSampler(self.train_set, t.batch_size, self.world, self.rank,
                                                                seed=t.seed)
         self.resident = self._make_resident()
+        # The captured step's device work must not synchronise with the host (sync_free; tests also set it
+        # without a graph, to run that code path uncaptured).
+        self.graphed = GraphedStep(self._forward, self.optimizer, self.device) if t.cuda_graph == "on" else None
+        self.sync_free = self.graphed is not None
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # completed steps of the current epoch
         self.global_step = 0
@@ -171,7 +184,10 @@ class Trainer:
         self._check_resumable(path, ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        self._set_capturable()
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        if self.graphed is not None:  # a captured graph would still point at the replaced optimizer state
+            self.graphed.reset()
         states = ckpt.get("rng_ranks", [ckpt["rng"]])
         if len(states) == self.world:
             _set_rng_state(states[self.rank], self.generator)
@@ -193,6 +209,17 @@ class Trainer:
             keep = [line for line in metrics.read_text().splitlines()
                     if line and json.loads(line).get("global_step", 0) <= self.global_step]
             metrics.write_text("".join(line + "\n" for line in keep))
+
+    def _set_capturable(self):
+        """AdamW's ``capturable`` (and where its step counters live) as this run needs, whatever the run that
+        wrote the checkpoint used: on the device under train.cuda_graph=on, else on the host."""
+        capturable = self.graphed is not None
+        for group in self.optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = capturable
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(self.device if capturable else "cpu", torch.float32)
 
     def _check_resumable(self, path: Path, ckpt: dict):
         """The epoch position and queue pointer of a checkpoint count global batches of its run: another number
@@ -247,7 +274,10 @@ class Trainer:
         # Its own generator: creating an iterator would otherwise draw from the global RNG (a worker base
         # seed), so a resumed run would see different dropout draws than an uninterrupted one.
         return DataLoader(dataset, batch_size=batch_size or self.local_batch, shuffle=False, drop_last=drop_last,
-                          sampler=sampler, num_workers=t.workers, pin_memory=self.device.type == "cuda",
+                          sampler=sampler, num_workers=t.workers,
+                          # No pinning thread under train.cuda_graph=on: its CUDA calls (host allocations, event
+                          # queries) while the step is captured would invalidate the capture.
+                          pin_memory=self.device.type == "cuda" and self.graphed is None,
                           generator=torch.Generator().manual_seed(0))
 
     def _log(self, record: dict):
@@ -260,27 +290,47 @@ class Trainer:
                 if key not in ("kind", "epoch", "global_step") and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{record['kind']}/{key}", value, record.get("global_step", 0))
 
-    def train_step(self, x: torch.Tensor) -> dict:
+    def _draws(self, shape) -> dict:
+        """Every random draw of one step, made on the host from ``self.generator`` in the order the step uses
+        them: the query's augmentation, the key's, then the SkeleMix partners and regions."""
         c = self.config
+        return {"q": draw_augment(shape, c.data.shear, c.data.temporal_ratio, self.generator),
+                "k": draw_augment(shape, c.data.shear, c.data.temporal_ratio, self.generator),
+                "mix": self.model.draw_mixes(shape, self.generator)}
+
+    def _forward(self, x: torch.Tensor, draws: dict) -> dict:
+        """The step's device work up to the losses, from the batch and the draws (both on the device)."""
+        c = self.config
+        views = [to_view(apply_augment(x, draws[name]), c.data.view, c.model.layout) for name in ("q", "k")]
+        # No autocast weight cache inside a captured graph (torch's CUDA graph notes); the values are the same.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.train.amp == "bf16",
+                            cache_enabled=False if self.sync_free else None):
+            return self.net(views[0], views[1], generator=self.generator, mix_draws=draws["mix"],
+                            sync_free=self.sync_free)
+
+    def train_step(self, x: torch.Tensor) -> dict:
         x = x.to(self.device, non_blocking=True)
-        views = []
-        for _ in range(2):  # query, then key: independent augmentations of the same samples
-            aug = pretrain_augment(x, c.data.shear, c.data.temporal_ratio, generator=self.generator)
-            views.append(to_view(aug, c.data.view, c.model.layout))
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.train.amp == "bf16"):
-            out = self.net(views[0], views[1], generator=self.generator)
+        draws = self._draws(x.shape)
+        if self.graphed is not None:
+            parts = self.graphed(x, draws)
+            self._check_finite(parts, " (train.cuda_graph=on checks after the replay: this step's update is applied)")
+            return parts
+        out = self._forward(x, _tree_map(lambda t: t.to(self.device, non_blocking=True), draws))
         # The logged values are means over the ranks (each rank's loss is the mean over its equal share), and
         # every rank sees them, so a non-finite loss on any rank stops all of them at the same step.
         parts = dict(zip(out, distributed.mean_over_ranks(torch.stack([v.detach().float() for v in out.values()]))
                          .tolist()))
-        if not math.isfinite(parts["loss"]):
-            raise FloatingPointError(f"the loss became {parts['loss']} at step {self.global_step + 1} (epoch "
-                                     f"{self.epoch + 1}); stopping instead of training on garbage. Lower "
-                                     "optim.lr or check the data for NaN/inf values")
+        self._check_finite(parts)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()
         return parts
+
+    def _check_finite(self, parts: dict, note: str = ""):
+        if not math.isfinite(parts["loss"]):
+            raise FloatingPointError(f"the loss became {parts['loss']} at step {self.global_step + 1} (epoch "
+                                     f"{self.epoch + 1}); stopping instead of training on garbage. Lower "
+                                     f"optim.lr or check the data for NaN/inf values{note}")
 
     def _features(self, encoder, dataset, batch_size: int, projection: bool = False):
         """``extract_features`` of the whole dataset; under torch.distributed each rank encodes a contiguous
@@ -406,6 +456,88 @@ class Trainer:
         return results
 
 
+class GraphedStep:
+    """A training step's device work as one CUDA graph: ``forward(x, draws)`` (a dict of 0-d tensors with
+    ``"loss"``), its backward and ``optimizer.step()``, replayed by every call with new ``x`` and ``draws``.
+
+    The whole-network recipe of torch's CUDA graph notes: ``warmup`` steps run eagerly on a side stream, then
+    the step is captured on that same stream with the gradients set to None first, so the captured backward
+    allocates them in the graph's pool and every replay rewrites them (static gradients, nothing to zero).
+    Every call is a real training step, the warm-up ones included. ``x`` and every tensor of ``draws`` are
+    copied into static device buffers before the graph runs, so ``forward`` must read nothing else from the
+    host and never synchronise. The graph bakes in the learning rates (SGD reads ``lr`` as a Python float; a
+    tensor lr would be read with ``.item()``), so it is captured again when they change (at epoch boundaries).
+    Draws from the default CUDA generator (dropout) stay random: capture registers that generator with the
+    graph and every replay advances its offset.
+    """
+
+    def __init__(self, forward, optimizer: torch.optim.Optimizer, device: torch.device, warmup: int = 3):
+        self.forward, self.optimizer, self.device, self.warmup = forward, optimizer, device, warmup
+        self.stream = torch.cuda.Stream(device)
+        self.reset()
+
+    def reset(self):
+        """Forget the graph and its buffers (the next calls warm up and capture again)."""
+        self.graph = self.lrs = self.static = self.parts = self.keys = None
+        self.steps = 0
+
+    def _step(self) -> torch.Tensor:
+        out = self.forward(*self.static)
+        out["loss"].backward()
+        self.optimizer.step()
+        self.keys = list(out)
+        return torch.stack([v.detach().float() for v in out.values()])
+
+    def __call__(self, x: torch.Tensor, draws) -> dict:
+        """One training step; returns the values of ``forward``'s outputs after it (a synchronisation)."""
+        with torch.cuda.device(self.device):
+            if self.static is None:
+                self.static = _tree_map(lambda t: torch.empty_like(t, device=self.device), (x, draws))
+            for buf, value in zip(_leaves(self.static), _leaves((x, draws))):
+                if buf.shape != value.shape or buf.dtype != value.dtype:
+                    raise ValueError(f"a captured step needs inputs of fixed shapes and dtypes: got {value.dtype} "
+                                     f"{tuple(value.shape)} for a buffer of {buf.dtype} {tuple(buf.shape)}")
+                buf.copy_(value, non_blocking=True)
+            lrs = [group["lr"] for group in self.optimizer.param_groups]
+            if self.graph is not None and lrs != self.lrs:
+                self.graph = None  # captured again below with the new learning rates
+            current = torch.cuda.current_stream()
+            if self.graph is None and self.steps < self.warmup:
+                self.stream.wait_stream(current)
+                with torch.cuda.stream(self.stream), warnings.catch_warnings():
+                    # A capturable optimizer (AdamW) warns when it steps uncaptured: here that is the point.
+                    warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    parts = self._step()
+                current.wait_stream(self.stream)
+            else:
+                if self.graph is None:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=self.stream):
+                        self.parts = self._step()
+                    self.graph, self.lrs = graph, lrs
+                self.graph.replay()
+                parts = self.parts
+            self.steps += 1
+            return dict(zip(self.keys, parts.tolist()))
+
+
+def _tree_map(fn, tree):
+    """``fn`` applied to every tensor of nested dicts, lists and tuples."""
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _leaves(tree) -> list:
+    out = []
+    _tree_map(out.append, tree)
+    return out
+
+
 @torch.no_grad()
 def calibrate_batchnorm(encoder, loader, device, view: str, layout: str):
     """Recompute every BatchNorm's running statistics as the plain average over ``loader`` (no weight changes)."""
@@ -474,7 +606,7 @@ def main(argv=None) -> int:
                        f"{len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable parameters, "
                        f"device {trainer.device}, impl {config.train.impl}, data "
                        f"{'resident on the device' if trainer.resident is not None else 'through a DataLoader'}, "
-                       f"amp {config.train.amp}, output {trainer.out}\n"
+                       f"amp {config.train.amp}, cuda_graph {config.train.cuda_graph}, output {trainer.out}\n"
                        f"{describe_batch_and_lr(config, trainer.world)}", flush=True)
     start = time.perf_counter()
     status = trainer.fit(max_steps=args.max_steps)  # an exception here ends this process; torchrun ends the others

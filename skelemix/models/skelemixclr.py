@@ -116,9 +116,10 @@ class SkeleMixCLR(nn.Module):
             split = f" = {w} processes x {n // w}" if w > 1 else ""
             raise ValueError(f"queue_size ({self.K}) must be a multiple of the global batch size ({n}{split}): "
                              "the queue is filled one global batch of keys at a time")
-        ptr = int(self.queue_ptr)
-        self.queue[:, ptr:ptr + n] = keys.T
-        self.queue_ptr[0] = (ptr + n) % self.K
+        # The pointer stays on the device: no host synchronisation (CUDA graphs replay this step as it is).
+        index = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.K
+        self.queue.index_copy_(1, index, keys.T.to(self.queue.dtype))
+        self.queue_ptr.add_(n).remainder_(self.K)
 
     def _logits(self, feat: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor,
                 extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -127,13 +128,24 @@ class SkeleMixCLR(nn.Module):
             cols.append((feat * extra.detach()).sum(1, keepdim=True))
         return torch.cat(cols, dim=1) / self.T
 
-    def forward(self, queries: torch.Tensor | Sequence[torch.Tensor], key: torch.Tensor, generator=None) -> dict:
+    def draw_mixes(self, shape, generator=None) -> list[dict]:
+        """The SkeleMix draws of one step (one dict per query view, see :meth:`SkeleMix.draw`) for queries of
+        ``shape``, on the host: what :meth:`forward` draws from ``generator`` first."""
+        return [mixer.draw(shape, int(row[4]), generator) for mixer, row in zip(self.mixers, self.swap_params)]
+
+    def forward(self, queries: torch.Tensor | Sequence[torch.Tensor], key: torch.Tensor, generator=None,
+                mix_draws: Sequence[dict] | None = None, sync_free: bool = False) -> dict:
         """One pretraining step's loss.
 
         Args:
             queries: one ``(N, C, T, V, M)`` batch per query view (a tensor means one view).
             key: ``(N, C, T, V, M)``, an independent augmentation of the same samples.
-            generator: torch generator for the mixing draws (the global RNG if None).
+            generator: torch generator for the mixing draws (the global RNG if None) and, with
+                ``shuffle_key_bn``, the key shuffle.
+            mix_draws: the mixing draws of :meth:`draw_mixes`, on the device: then nothing is drawn for the
+                mixing (the result is that of drawing them here from the same generator state).
+            sync_free: with ``mix_draws``, mix with device-side indexing (:meth:`SkeleMix.apply`): then the
+                forward, backward and enqueue never synchronise with the host, as CUDA graph capture needs.
 
         Returns a dict with ``loss`` (to backpropagate) and detached parts ``loss_ins``, ``loss_p``,
         ``loss_c`` (per-term means over views/mixes) and ``acc_ins`` (instance top-1 of the positive).
@@ -147,8 +159,13 @@ class SkeleMixCLR(nn.Module):
         # Draw every mixed batch first (the official order of random draws), then run the encoders. The repeats
         # of a view come from one gather launch; each is still encoded on its own (BatchNorm statistics are
         # per batch of N).
-        mixed = [mixer.batches(q, int(row[4]), generator)
-                 for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
+        if mix_draws is None:
+            mixed = [mixer.batches(q, int(row[4]), generator)
+                     for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
+        elif len(mix_draws) != len(self.mixers):
+            raise ValueError(f"got mixing draws for {len(mix_draws)} query views; the model mixes {len(self.mixers)}")
+        else:
+            mixed = [mixer.apply(q, d, sync_free) for q, mixer, d in zip(queries, self.mixers, mix_draws)]
         q_feats = [_unit(self.encoder_q(q)) for q in queries]
         pc_feats = [[tuple(_unit(f) for f in self.encoder_q(mb.x, mb.mask)) for mb in view] for view in mixed]
         with torch.no_grad():

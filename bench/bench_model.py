@@ -34,11 +34,14 @@ def _impl_of(provider):
     return "eager" if provider in ("eager", "compile") else provider
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton"])
+@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
+                                      "triton+fused"])
 def test_encoder_fwd_bwd(benchmark, provider):
-    skip_unless_provider(provider)
+    impl, _, variant = provider.partition("+")  # "+fused": the fused block epilogue (train.epilogue=fused)
+    skip_unless_provider(impl)
     config = load_config("paper.yaml")
-    encoder = make_encoder(config.model, num_class=128, impl=_impl_of(provider)).to(DEVICE)
+    encoder = make_encoder(config.model, num_class=128, impl=_impl_of(impl)).to(DEVICE)
+    encoder.fused_epilogue = variant == "fused"
     run = torch.compile(encoder) if provider == "compile" else encoder
     x = torch.randn(BATCH, 3, T, V, M, device=DEVICE)
 
@@ -51,15 +54,17 @@ def test_encoder_fwd_bwd(benchmark, provider):
             shapes={"x": list(x.shape), "hidden": [16, 256]}, bytes=traffic, flops=flops)
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cuda+bf16", "triton+bf16",
-                                      "cuda+graph", "triton+graph"])
+@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
+                                      "triton+fused", "cuda+bf16", "triton+bf16", "cuda+graph", "triton+graph"])
 def test_training_step(benchmark, provider):
-    provider, _, variant = provider.partition("+")  # "+bf16": the encoders under bf16 autocast (train.amp=bf16)
+    # "+bf16": the encoders under bf16 autocast (train.amp=bf16); "+fused": train.epilogue=fused.
+    provider, _, variant = provider.partition("+")
     amp = "bf16" if variant == "bf16" else ""
     skip_unless_provider(provider)
     if variant == "graph" and DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
-    config = load_config("paper.yaml", [f"train.impl={_impl_of(provider)}"])
+    config = load_config("paper.yaml", [f"train.impl={_impl_of(provider)}",
+                                        f"train.epilogue={'fused' if variant == 'fused' else 'modules'}"])
     model = make_pretrain_model(config).to(DEVICE)
     if provider == "compile":
         model.encoder_q, model.encoder_k = torch.compile(model.encoder_q), torch.compile(model.encoder_k)

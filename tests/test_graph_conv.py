@@ -141,11 +141,13 @@ def test_stgcn_encoder_cpp_matches_eager():
 
 
 @needs_cpp
-def test_skelemixclr_plus_training_step_cpp_matches_eager():
+@pytest.mark.parametrize("fused", [False, True], ids=["modules", "fused_epilogue"])
+def test_skelemixclr_plus_training_step_cpp_matches_eager(fused):
     """One whole SkeleMixCLR+ training step (query and 3 mixed batches through encoder_q, the key through
-    encoder_k, all three fused ops, SGD with momentum, momentum update, enqueue) with impl="cpp" against
-    impl="eager": same initial weights (same seed), same batch, same mixing and dropout draws. Both use the fused
-    block epilogue (for impl="eager" its reference), so bn_epilogue and its hash dropout are checked here too.
+    encoder_k, the fused ops, SGD with momentum, momentum update, enqueue) with impl="cpp" against
+    impl="eager": same initial weights (same seed), same batch, same mixing and dropout draws. With
+    ``fused`` both run the fused block epilogue (for impl="eager" its reference), so bn_epilogue and its hash
+    dropout are checked too; without it both use the modules and torch's dropout.
 
     Run in float64 for the reason given in test_stgcn_encoder_cpp_matches_eager: in float32 a pre-ReLU value
     within round-off of 0 can land on the other side of the kink in one of the two runs, which moves its
@@ -158,7 +160,7 @@ def test_skelemixclr_plus_training_step_cpp_matches_eager():
     results = {}
     for impl in ("eager", "cpp"):
         torch.manual_seed(0)
-        encoder = dict(hidden_channels=4, hidden_dim=16, dropout=0.5, impl=impl, fused_epilogue=True)
+        encoder = dict(hidden_channels=4, hidden_dim=16, dropout=0.5, impl=impl, fused_epilogue=fused)
         model = SkeleMixCLR(encoder=encoder, **cfg).double()
         with torch.no_grad():  # move the edge importances off 1 so every A differs
             for name, p in model.encoder_q.named_parameters():

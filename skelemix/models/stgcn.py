@@ -115,8 +115,9 @@ class STGCN(nn.Module):
         graph: a :class:`Graph` or keyword arguments for one (default NTU, agcn).
         impl: implementation of the fused ops (see :mod:`skelemix.ops`).
         fused_epilogue: run each block's BatchNorms, dropout, residual add and ReLUs as
-            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`); None: fused unless ``impl="eager"``,
-            which keeps the plain modules (and torch's dropout draws) as the reference.
+            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`). Off by default: with its hashed dropout
+            masks the demo's pretraining succeeded less often than with torch's (docs/PERFORMANCE.md), which
+            is not explained yet.
 
     ``forward(x)`` takes ``(N, C, T, V, M)`` and returns ``fc(pool(x))`` of shape ``(N, num_class)``;
     ``forward(x, mask)`` with a bool ``(G, T', V)`` mask at feature resolution (``G`` in ``{1, N}``) returns
@@ -126,7 +127,7 @@ class STGCN(nn.Module):
     def __init__(self, in_channels: int = 3, hidden_channels: int = 16, hidden_dim: int = 256,
                  num_class: int | None = None, head: str = "linear", dropout: float = 0.5,
                  edge_importance: bool = True, graph: Graph | dict | None = None, impl: str = "auto",
-                 fused_epilogue: bool | None = None):
+                 fused_epilogue: bool = False):
         super().__init__()
         self.fused_epilogue = fused_epilogue
         graph = graph if isinstance(graph, Graph) else Graph(**(graph or {}))
@@ -173,9 +174,8 @@ class STGCN(nn.Module):
         x = x.permute(0, 4, 3, 1, 2).reshape(N * M, V * C, T)
         x = self.data_bn(x)
         x = x.view(N, M, V, C, T).permute(0, 1, 3, 4, 2).reshape(N * M, C, T, V)
-        fused = self.fused_epilogue if self.fused_epilogue is not None else self.impl != "eager"
         for block in self.blocks:
-            x = block(x, self.A, self.impl, fused)
+            x = block(x, self.A, self.impl, self.fused_epilogue)
         return x
 
     def pool(self, features: torch.Tensor, num_bodies: int, mask: torch.Tensor | None = None):

@@ -21,6 +21,18 @@ _AUTO_UNSUPPORTED = {"triton": (torch.float64,)}  # dtypes an impl refuses, whic
 _DEVICE_OF_IMPL = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
 
 
+def register_no_double_backward(op: str, backward_op: str) -> None:
+    """Make differentiating the C++ ``backward_op`` raise a clear error: ``op`` has no double backward."""
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op} does not support double backward (its backward op {backward_op} has no "
+                           "gradient); use impl='eager' for higher-order gradients")
+
+    torch.library.register_autograd(backward_op, backward, setup_context=setup_context)
+
+
 def check_impl(impl: str) -> str:
     """Validate the name of an implementation (for configs and command lines)."""
     if impl not in IMPLS:

@@ -14,7 +14,7 @@ import torch
 
 from .. import _extension, reference
 from . import _triton
-from ._impl import select
+from ._impl import register_no_double_backward, select
 
 # (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
 # exception; the fake kernels feed torch._check. Messages match csrc/bn_epilogue.cpp.
@@ -170,17 +170,7 @@ def _register() -> None:
         return (*(g if wanted else None for g, wanted in zip(grads, need)),) + (None,) * 6
 
     torch.library.register_autograd("skelemix::bn_epilogue", backward, setup_context=setup_context)
-
-    def setup_backward_context(ctx, inputs, output):
-        pass
-
-    def backward_backward(ctx, *grads):
-        raise RuntimeError("skelemix::bn_epilogue does not support double backward (its backward op "
-                           "skelemix::_bn_epilogue_backward has no gradient); use impl='eager' for higher-order "
-                           "gradients")
-
-    torch.library.register_autograd("skelemix::_bn_epilogue_backward", backward_backward,
-                                    setup_context=setup_backward_context)
+    register_no_double_backward("skelemix::bn_epilogue", "skelemix::_bn_epilogue_backward")
 
 
 if _extension.HAS_CPP:

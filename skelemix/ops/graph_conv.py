@@ -13,7 +13,7 @@ import torch
 
 from .. import _extension, reference
 from . import _triton
-from ._impl import select
+from ._impl import register_no_double_backward, select
 
 # (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
 # exception; the fake kernels feed torch._check. Messages match csrc/graph_conv.cpp.
@@ -159,17 +159,7 @@ def _register() -> None:
         return tuple(g if wanted else None for g, wanted in zip(grads, (need_x, need_w, need_b, need_A)))
 
     torch.library.register_autograd("skelemix::graph_conv", backward, setup_context=setup_context)
-
-    def setup_backward_context(ctx, inputs, output):
-        pass
-
-    def backward_backward(ctx, *grads):
-        raise RuntimeError("skelemix::graph_conv does not support double backward (its backward op "
-                           "skelemix::_graph_conv_backward has no gradient); use impl='eager' for higher-order "
-                           "gradients")
-
-    torch.library.register_autograd("skelemix::_graph_conv_backward", backward_backward,
-                                    setup_context=setup_backward_context)
+    register_no_double_backward("skelemix::graph_conv", "skelemix::_graph_conv_backward")
 
 
 if _extension.HAS_CPP:

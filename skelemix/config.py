@@ -89,7 +89,8 @@ class TrainConfig:
     # "fused": each ST-GCN block runs its BatchNorms, dropout, residual add and ReLUs as two bn_epilogue calls
     # (dropout masks from a counter hash; 1.85x the eager CPU step instead of 1.28x). "modules" (default): the
     # plain modules and torch's dropout: with the hashed masks the demo's pretraining left its loss plateau
-    # in 2 of 6 runs against 8 of 8 (docs/PERFORMANCE.md), so fused stays opt-in until that is understood.
+    # in 2 of 6 runs against 11 of 11 with generator-drawn masks (docs/PERFORMANCE.md); fused stays opt-in
+    # until a proper counter RNG replaces the hash.
     epilogue: str = "modules"  # modules | fused
     # The fast path. data_placement "device": keep the training set on the device and index batches there
     # (no DataLoader workers, no per-sample CPU work); "host": a DataLoader; "auto": device for a CUDA device

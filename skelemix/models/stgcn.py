@@ -116,8 +116,8 @@ class STGCN(nn.Module):
         impl: implementation of the fused ops (see :mod:`skelemix.ops`).
         fused_epilogue: run each block's BatchNorms, dropout, residual add and ReLUs as
             :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`). Off by default: with its hashed dropout
-            masks the demo's pretraining succeeded less often than with torch's (docs/PERFORMANCE.md), which
-            is not explained yet.
+            masks the demo's pretraining succeeded less often than with generator-drawn ones
+            (docs/PERFORMANCE.md); a proper counter RNG should replace the hash first.
 
     ``forward(x)`` takes ``(N, C, T, V, M)`` and returns ``fc(pool(x))`` of shape ``(N, num_class)``;
     ``forward(x, mask)`` with a bool ``(G, T', V)`` mask at feature resolution (``G`` in ``{1, N}``) returns

@@ -1,10 +1,10 @@
 """What every command-line entry point shares: a user's mistake ends in one line on stderr and a non-zero exit
 code, never a traceback; ``--debug`` (or ``SKELEMIX_DEBUG=1``) shows the traceback instead, for bug reports.
 
-User mistakes are the package's own error types (:class:`~skelemix.config.ConfigError`,
-:class:`~skelemix.checkpoint.CheckpointError`, :class:`~skelemix.data.errors.DataFormatError`, all
-``ValueError``), refused pickles, the trainer's stop on a non-finite loss (``FloatingPointError``) and
-``OSError`` (missing files, read-only folders, a full disk). Anything else is a bug and keeps its traceback.
+User mistakes are ``ValueError`` (the package's :class:`~skelemix.config.ConfigError`,
+:class:`~skelemix.checkpoint.CheckpointError` and :class:`~skelemix.data.errors.DataFormatError` derive from it),
+refused or damaged pickles, the trainer's stop on a non-finite loss (``FloatingPointError``) and ``OSError``
+(missing files, read-only folders, a full disk). Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from .cli import short
+from .cli import clip, short
 
 PRETRAIN_FORMAT = "skelemix-pretrain/1"  # the trainer's checkpoints: config, model, optimizer, position, RNG
 CLASSIFIER_FORMAT = "skelemix-classifier/1"  # evaluate's trained classifiers: config and encoder
@@ -74,13 +75,22 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except OSError:
-        raise
-    except Exception as err:  # truncated files, other formats, forbidden globals (named by torch): say which file
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load checkpoint {path} safely (weights_only=True): {detail}") from err
+    with open(path, "rb") as f:  # an OSError here (permissions) names the file itself
+        try:
+            return torch.load(f, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:  # a global or an opcode outside the weights-only allow-list
+            raise CheckpointError(f"cannot load checkpoint {path} safely (weights_only=True): "
+                                  f"{_torch_reason(err)}") from err
+        except Exception as err:  # torch reports a truncated archive as EOFError or OSError(EINVAL)
+            raise CheckpointError(f"cannot load checkpoint {path}: the file is damaged, truncated or not a torch "
+                                  f"checkpoint ({_torch_reason(err)})") from err
+
+
+def _torch_reason(err: Exception) -> str:
+    """What torch.load's error says about the file, without its advice to load with weights_only=False."""
+    advice = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.strip().startswith(advice)]
+    return " ".join(lines) or type(err).__name__
 
 
 def require_parts(ckpt, path: str | os.PathLike, parts, purpose: str) -> None:
@@ -105,7 +115,7 @@ def reading_part(path: str | os.PathLike, part: str):
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         detail = f"no key {short(err.args[0])}" if isinstance(err, KeyError) and err.args else \
-            " ".join(lines[:2]) or type(err).__name__
+            clip(" ".join(lines[:2]), 300) or type(err).__name__
         raise CheckpointError(f"{path}: its {part!r} does not fit this run: {detail}") from err
 
 

@@ -31,6 +31,11 @@ def short(value) -> str:
     return _short.repr(value)
 
 
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """``--debug`` on ``parser``, or on each of its sub-commands when it has them (where users type options)."""
     actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -50,10 +55,7 @@ def describe(err: BaseException) -> str:
         text = f"{where}{err.strerror}"
     else:
         text = str(err) or type(err).__name__
-    text = " ".join(text.split("\n"))
-    if len(text) > MAX_MESSAGE:
-        text = f"{text[:MAX_MESSAGE]}... ({len(text)} characters)"
-    return text
+    return clip(" ".join(text.split("\n")))
 
 
 def handle(err: BaseException, debug: bool = False, exit_code: int = 2, interrupted: str = "interrupted",

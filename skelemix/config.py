@@ -1,18 +1,24 @@
 """Pretraining configuration: typed defaults, YAML files with ``base:`` inheritance, ``--set key=value``.
 
-Every value is checked when the config is built: unknown keys (with the closest valid one), wrong types and
-impossible combinations raise :class:`ConfigError` naming the key, the expected and the actual value.
+Every value is checked when the config is built: unknown keys (with the closest valid one), wrong types, values
+out of range and impossible combinations raise :class:`ConfigError` naming the key, the expected and the actual
+value. YAML is read as users write numbers (``1e-3``, ``1E5``, ``-.5`` are floats, as in YAML 1.2, where YAML
+1.1 reads them as strings), and documents that expand past :data:`MAX_YAML_NODES` values through aliases are
+refused.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from .cli import short
 from .distributed import BACKENDS, BN_MODES
 from .graph import LAYOUTS, STRATEGIES
 from .mix import MODES, PARTNERS, SPATIAL_MODES
@@ -20,6 +26,8 @@ from .models.skelemixclr import VARIANTS
 from .ops import IMPLS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+MAX_YAML_NODES = 10_000  # values of one YAML document with its aliases expanded (a config has about 100)
+MAX_SEED = 2**32 - 1  # numpy's limit
 
 
 class ConfigError(ValueError):
@@ -159,12 +167,17 @@ _ON_OFF = ("train.cuda_graph",)  # str keys with on/off values
 
 
 def _check_type(key: str, value: Any, hint) -> Any:
-    """Coerce ints to floats where floats are expected; reject everything else that does not fit."""
+    """Coerce ints to floats where floats are expected (and whole floats such as ``1e5`` to ints where ints are);
+    reject everything else that does not fit, and non-finite floats (no key takes inf or nan)."""
     allowed = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
                "list | None": (list, type(None)), "str | None": (str, type(None))}[hint]
+    if hint == "int" and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        value = int(value)
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
     if not ok:
-        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {hint}, got {type(value).__name__} {short(value)}")
+    if hint == "float" and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value}")
     return float(value) if hint == "float" else value
 
 
@@ -182,22 +195,87 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def load_yaml(path: str | Path) -> dict:
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` with YAML 1.2's floats and a bound on what aliases expand to."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+# Floats YAML 1.1 reads as strings: an exponent without a sign or without a dot (1e-3, 1.0e9, 1E5) and a
+# signed leading dot (-.5). Tried after YAML 1.1's own int and float patterns, so ints stay ints.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"), list("-+.0123456789"))
+
+
+class _AliasBomb(yaml.YAMLError):
+    pass
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand it past MAX_YAML_NODES values, or that contains itself: the
+    values it would build are shared, but printing, copying or validating them walks every expansion."""
+    sizes: dict[int, int | None] = {}  # node id -> expanded size; None while its children are counted
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            if sizes[key] is None:
+                raise _AliasBomb("contains a value that contains itself through an alias (*name)")
+            return sizes[key]
+        sizes[key] = None
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        total = 1 + sum(size(child) for child in children)
+        if total > MAX_YAML_NODES:
+            raise _AliasBomb(f"expands to more than {MAX_YAML_NODES} values through its aliases (*name); a config "
+                             "needs about 100")
+        sizes[key] = total
+        return total
+
+    size(root)
+
+
+def _parse_yaml(text: str, source: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except _AliasBomb as err:
+        raise ConfigError(f"{source}: refusing this YAML: it {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: refusing this YAML: it is nested too deeply") from None
+
+
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Read a config file, resolving ``base: other.yaml`` (relative to the file) recursively."""
     path = Path(path)
     if not path.is_file() and (CONFIG_DIR / path).is_file():
         path = CONFIG_DIR / path
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(list_configs())})")
+        where = f"{_chain[-1]}: base: " if _chain else ""
+        raise ConfigError(f"{where}config file not found: {path} (shipped configs: {', '.join(list_configs())})")
+    if path.resolve() in _chain:
+        cycle = [*_chain[_chain.index(path.resolve()):], path.resolve()]
+        raise ConfigError(f"{_chain[-1]}: base: the configs inherit from each other in a cycle: "
+                          f"{' -> '.join(map(str, cycle))}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
+    raw = _parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     base = raw.pop("base", None)
     if base is not None:
-        raw = _merge(load_yaml(path.parent / base), raw)
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base: expected the file name of another config, got "
+                              f"{type(base).__name__} {short(base)}")
+        raw = _merge(load_yaml(path.parent / base, (*_chain, path.resolve())), raw)
     return raw
 
 
@@ -206,23 +284,22 @@ def list_configs() -> list[str]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``section.key=value`` with the value parsed as YAML (``3``, ``0.1``, ``true``, ``[300]``, ``cuda``)."""
+    """``section.key=value`` with the value parsed as YAML (``3``, ``1e-3``, ``true``, ``[300]``, ``cuda``)."""
     if "=" not in text:
-        raise ConfigError(f"--set expects key=value (e.g. train.epochs=10); got {text!r}")
+        raise ConfigError(f"--set expects key=value (e.g. train.epochs=10); got {short(text)}")
     key, value = text.split("=", 1)
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"--set {key}: cannot parse {value!r}: {err}") from err
+    return key.strip(), _parse_yaml(value, f"--set {short(key.strip())}")
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | dict | None = None) -> Config:
     """A validated :class:`Config` from a nested mapping plus ``section.key`` overrides."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"the config: expected a mapping of sections, got {type(raw).__name__} {short(raw)}")
     raw = dict(raw or {})
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for dotted, value in items:
         if dotted.count(".") != 1:
-            raise ConfigError(f"override keys look like section.key (e.g. train.epochs); got {dotted!r}")
+            raise ConfigError(f"override keys look like section.key (e.g. train.epochs); got {short(dotted)}")
         section, key = dotted.split(".")
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
@@ -233,9 +310,9 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
     built = {}
     for section, values in raw.items():
         if section not in sections:
-            hint = difflib.get_close_matches(section, sections, n=1)
-            raise ConfigError(f"unknown config section {section!r}" + (f"; did you mean {hint[0]!r}?" if hint else
-                                                                       f"; valid: {', '.join(sections)}"))
+            hint = difflib.get_close_matches(str(section), sections, n=1)
+            raise ConfigError(f"unknown config section {short(section)}" + (f"; did you mean {hint[0]!r}?" if hint
+                                                                              else f"; valid: {', '.join(sections)}"))
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a mapping of keys, got {type(values).__name__}")
         cls = get_type_hints(Config)[section]
@@ -243,15 +320,16 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
         kwargs = {}
         for key, value in values.items():
             if key not in hints:
-                hint = difflib.get_close_matches(key, hints, n=1)
-                raise ConfigError(f"unknown config key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?"
-                                                                           if hint else f"; valid: {', '.join(hints)}"))
+                hint = difflib.get_close_matches(str(key), hints, n=1)
+                name = key if isinstance(key, str) else short(key)
+                raise ConfigError(f"unknown config key {section}.{name}" + (f"; did you mean {section}.{hint[0]}?"
+                                                                            if hint else f"; valid: {', '.join(hints)}"))
             full = f"{section}.{key}"
             if full in _ON_OFF and isinstance(value, bool):  # YAML reads a bare on/off (and yes/no) as a bool
                 value = "on" if value else "off"
             value = _check_type(full, value, hints[key])
             if full in _CHOICES and value not in _CHOICES[full]:
-                raise ConfigError(f"{full}: expected one of {', '.join(map(str, _CHOICES[full]))}; got {value!r}")
+                raise ConfigError(f"{full}: expected one of {', '.join(map(str, _CHOICES[full]))}; got {short(value)}")
             kwargs[key] = value
         built[section] = cls(**kwargs)
     config = Config(**built)
@@ -271,16 +349,32 @@ def validate(c: Config) -> None:
                        ("model.feature_dim", m.feature_dim), ("model.queue_size", m.queue_size),
                        ("optim.lr_reference_batch", o.lr_reference_batch)):
         need(value >= 1, f"{key}: must be >= 1; got {value}")
-    need(t.workers >= 0, f"train.workers: must be >= 0; got {t.workers}")
+    for key, value in (("train.workers", t.workers), ("train.save_interval", t.save_interval),
+                       ("train.knn_interval", t.knn_interval), ("optim.weight_decay", o.weight_decay),
+                       ("optim.momentum", o.momentum), ("model.alpha", m.alpha),
+                       ("data.synthetic_seed", d.synthetic_seed)):
+        need(value >= 0, f"{key}: must be >= 0; got {value}")
+    if d.root == "synthetic":
+        for key, value in (("data.synthetic_train", d.synthetic_train), ("data.synthetic_val", d.synthetic_val)):
+            need(value >= 1, f"{key}: must be >= 1; got {value}")
+    if t.final_linear_eval:
+        need(t.linear_epochs >= 1, f"train.linear_epochs: must be >= 1; got {t.linear_epochs}")
+    need(0 <= t.seed <= MAX_SEED, f"train.seed: must be in [0, {MAX_SEED}]; got {t.seed}")
     need(m.queue_size % t.batch_size == 0,
          f"model.queue_size ({m.queue_size}) must be a multiple of train.batch_size ({t.batch_size}): the queue "
          "is filled one global batch of keys at a time")
     need(0 <= m.dropout < 1, f"model.dropout: must be in [0, 1); got {m.dropout}")
     need(0 <= m.momentum <= 1, f"model.momentum: must be in [0, 1]; got {m.momentum}")
     need(m.temperature > 0, f"model.temperature: must be > 0; got {m.temperature}")
+    need(t.knn_t > 0, f"train.knn_t: must be > 0; got {t.knn_t}")
     need(o.lr > 0, f"optim.lr: must be > 0; got {o.lr}")
-    need(all(isinstance(s, int) for s in o.steps), f"optim.steps: expected a list of epochs; got {o.steps}")
-    need(all(isinstance(k, int) and k >= 1 for k in t.knn_k), f"train.knn_k: expected positive ints; got {t.knn_k}")
+    need(not o.nesterov or (o.name == "sgd" and o.momentum > 0),
+         f"optim.nesterov: needs optim.name sgd with optim.momentum > 0; got {o.name} with momentum {o.momentum}")
+    need(all(_is_int(s) and s >= 0 for s in o.steps), f"optim.steps: expected a list of epochs; got {short(o.steps)}")
+    need(all(_is_int(k) and k >= 1 for k in t.knn_k), f"train.knn_k: expected positive ints; got {short(t.knn_k)}")
+    need(not (m.variant == "skeletonclr" and m.swap_params),
+         f"model.swap_params: the skeletonclr variant does not mix, but mixing rows were given: "
+         f"{short(m.swap_params)}; to mix, set model.variant to skelemixclr or skelemixclr+, else drop swap_params")
     stride = 4  # the ST-GCN encoder's total temporal stride
     mixing = m.variant != "skeletonclr" if m.swap_params is None else bool(m.swap_params)
     if mixing:
@@ -289,14 +383,27 @@ def validate(c: Config) -> None:
         need(t.batch_size >= 2, f"train.batch_size: SkeleMix needs at least 2 samples per batch; got {t.batch_size}")
     rows = m.swap_params if m.swap_params is not None else VARIANTS[m.variant]["swap_params"]
     for row in rows:
-        need(isinstance(row, (list, tuple)) and len(row) == 6,
-             f"model.swap_params: each row is [spa_l, spa_u, tem_l, tem_u, repeat, weight]; got {row}")
+        need(isinstance(row, (list, tuple)) and len(row) == 6 and all(_is_int(v) for v in row[:5])
+             and isinstance(row[5], (int, float)) and not isinstance(row[5], bool) and math.isfinite(row[5]),
+             f"model.swap_params: each row is [spa_l, spa_u, tem_l, tem_u, repeat, weight] (five ints and a finite "
+             f"number); got {short(row)}")
         need(row[3] * stride <= d.frames, f"model.swap_params: tem_u={row[3]} blocks of {stride} frames exceed "
                                          f"data.frames={d.frames}")
     need(len(rows) <= 1, "model.swap_params: several query views (rows) are not supported by the trainer yet")
     # The device, when "auto", and the number of processes are checked by the trainer.
     need(not (t.cuda_graph == "on" and t.device == "cpu"), "train.cuda_graph=on: expected a CUDA device; got "
                                                            "train.device cpu")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def describe_variant(c: Config) -> str:
+    """The pretraining method a config runs, by its variant name (and when mixing is switched off)."""
+    m = c.model
+    return f"{m.variant} without mixing (model.swap_params: [])" if m.swap_params == [] and \
+        m.variant != "skeletonclr" else m.variant
 
 
 def base_lr(c: Config) -> float:

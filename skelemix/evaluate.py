@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,10 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from . import distributed, ops
+from . import cli, distributed, ops
 from .augment import VIEWS, pretrain_augment, to_view
-from .checkpoint import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, load_checkpoint, load_official, save_checkpoint
-from .config import Config, ConfigError, build_config, load_yaml, make_encoder, resolve_device
+from .checkpoint import (CLASSIFIER_FORMAT, PRETRAIN_FORMAT, CheckpointError, load_checkpoint, load_official,
+                         require_parts, save_checkpoint)
+from .config import Config, build_config, load_yaml, make_encoder, resolve_device
 from .models import VARIANTS, init_weights
 from .probe import balanced_subset, extract_features, knn_scores, topk_accuracy, train_linear
 
@@ -127,11 +127,14 @@ def load_pretrained(checkpoint: str | os.PathLike | None, config_file: str | Non
     if isinstance(obj, Mapping) and "format" in obj:
         fmt = obj["format"]
         if fmt not in (PRETRAIN_FORMAT, CLASSIFIER_FORMAT):
-            raise ValueError(f"{path}: checkpoint format {fmt!r} is neither a pretraining checkpoint "
-                             f"({PRETRAIN_FORMAT!r}) nor a classifier ({CLASSIFIER_FORMAT!r})")
+            raise CheckpointError(f"{path}: checkpoint format {cli.short(fmt)} is neither a pretraining checkpoint "
+                                  f"({PRETRAIN_FORMAT!r}) nor a classifier ({CLASSIFIER_FORMAT!r})")
         if config_file:
             raise ValueError(f"--config is for official checkpoints and --checkpoint none: {path} carries its own "
                              "config (change parts of it with --set section.key=value)")
+        require_parts(obj, path, ("config", "model"), "evaluate it")
+        if not isinstance(obj["model"], Mapping):
+            raise CheckpointError(f"{path}: its 'model' is {type(obj['model']).__name__}, not a state dict")
         config = build_config(obj["config"], overrides)
         if fmt == PRETRAIN_FORMAT:
             return Pretrained("skelemix", str(path), config, _strip(obj["model"], "encoder_q."), obj.get("epoch"))
@@ -148,9 +151,9 @@ def load_pretrained(checkpoint: str | os.PathLike | None, config_file: str | Non
         if any(k.startswith("encoder_q.blocks.") for k in keys):
             sd = {k: v for k, v in zip(keys, raw.values())}
             return Pretrained("state_dict", str(path), config, _strip(sd, "encoder_q."))
-    raise ValueError(f"{path} is neither a skelemix pretraining checkpoint (a dict with format {PRETRAIN_FORMAT!r}) "
-                     f"nor an official SkeleMixCLR state dict (encoder_q.st_gcn_networks.* keys); found "
-                     f"{_describe(obj)}")
+    raise CheckpointError(f"{path} is neither a skelemix pretraining checkpoint (a dict with format "
+                          f"{PRETRAIN_FORMAT!r}) nor an official SkeleMixCLR state dict (encoder_q.st_gcn_networks.* "
+                          f"keys); found {_describe(obj)}")
 
 
 def projection_head(state: Mapping | None) -> tuple[str | None, int | None]:
@@ -695,6 +698,7 @@ def parse_args(argv=None):
     ens.add_argument("dirs", nargs="+", help="output folders of earlier evaluations")
     ens.add_argument("--out", default=None, help="output folder (default: <common parent>/eval_ensemble)")
     ens.add_argument("--no-plots", action="store_true")
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     if args.mode in ("linear", "finetune", "semi", "knn") and args.batch_size < 1:
         p.error("--batch-size must be >= 1")
@@ -705,14 +709,13 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def evaluate() -> int:
         run(args)
-    except (ConfigError, FileNotFoundError, ValueError, FloatingPointError) as err:
-        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-        print(f"{prefix}error: {err}", file=sys.stderr)
-        return 2  # no collective teardown: the other ranks may not have failed; torchrun ends them
-    distributed.cleanup()
-    return 0
+        distributed.cleanup()
+        return 0
+
+    return cli.run(evaluate, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import platform
 
 import torch
 
+from . import cli
+
 
 def _auto_choice(device: str) -> str:
     from .ops._impl import select
@@ -17,7 +19,13 @@ def _auto_choice(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m skelemix.info", description=__doc__).parse_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m skelemix.info", description=__doc__)
+    cli.add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return cli.run(_report, debug=args.debug)
+
+
+def _report() -> int:
     import numpy
 
     import skelemix

@@ -7,7 +7,9 @@ to the same encoder at random initialisation. With ``--config`` it runs a shippe
 
 Outputs in ``train.out``: ``config.yaml`` (resolved), ``metrics.jsonl``, TensorBoard events in ``tb/``,
 ``checkpoints/last.pt`` (every epoch and on Ctrl-C) and ``checkpoints/epochN.pt`` (every ``save_interval``),
-and ``loss.png`` / ``knn.png`` at the end. ``--resume`` continues exactly where a run stopped.
+and ``loss.png`` / ``knn.png`` at the end. ``--resume`` continues exactly where a run stopped: the same steps,
+losses and epoch summaries as a run that was never stopped. A new run in a folder starts its ``metrics.jsonl``
+anew. Mistakes end in one ``error:`` line (``--debug`` shows the traceback).
 
 ``torchrun --nproc_per_node=G -m skelemix.train ...`` trains on G processes with DistributedDataParallel
 (``train.batch_size`` stays the global batch; see ``skelemix/distributed.py`` and the ``dist`` config section).
@@ -30,15 +32,19 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Subset
 
-from . import distributed, ops
+from . import cli, distributed, ops
 from .augment import apply_augment, draw_augment, to_view
-from .checkpoint import PRETRAIN_FORMAT, load_checkpoint, save_checkpoint
-from .config import (Config, ConfigError, base_lr, describe_batch_and_lr, list_configs, load_config, make_encoder,
-                     make_pretrain_model, resolve_device)
+from .checkpoint import (PRETRAIN_FORMAT, CheckpointError, load_checkpoint, reading_part, remove_temporaries,
+                         require_parts, save_checkpoint)
+from .config import (Config, ConfigError, base_lr, build_config, describe_batch_and_lr, describe_variant, list_configs,
+                     load_config, make_encoder, make_pretrain_model, resolve_device)
 from .data import load_splits
 from .models import init_weights
 from .probe import extract_features, knn_accuracy, train_linear
+from .viz import read_metrics
 
+# What --resume needs from a checkpoint (older checkpoints lack the optional "epoch_sums" / "epoch_seconds").
+RESUME_PARTS = ("config", "model", "optimizer", "epoch", "step_in_epoch", "global_step", "rng")
 
 
 def parse_args(argv=None):
@@ -48,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--resume", nargs="?", const="last", metavar="CHECKPOINT",
-                   help="continue a run: from <out>/checkpoints/last.pt, or from the given checkpoint")
+                   help="continue a run: from <out>/checkpoints/last.pt (with <out>/config.yaml), or from the given "
+                        "checkpoint (with the config saved in it); --config and --set change the config")
     p.add_argument("--epochs", type=int, help="= --set train.epochs=N")
     p.add_argument("--batch-size", type=int, help="= --set train.batch_size=N (the global batch under torchrun)")
     p.add_argument("--workers", type=int, help="= --set train.workers=N")
@@ -59,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, help="stop after this many steps in total (with a checkpoint)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list-configs", action="store_true", help="list the shipped configs and exit")
+    cli.add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -108,7 +116,10 @@ class Trainer:
         self.device = resolve_device(t.device)
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", distributed.local_rank())
-        ops.check_impl_available(t.impl, self.device)
+        try:
+            ops.check_impl_available(t.impl, self.device)
+        except RuntimeError as err:  # an impl this install or device lacks: the user's choice
+            raise ConfigError(f"train.impl: {err}") from None
         # train.cuda_graph "auto" is off until a GPU run has validated the captured step (as train.amp).
         if t.cuda_graph == "on" and self.device.type != "cuda":
             raise ConfigError(f"train.cuda_graph=on: expected a CUDA device; got device {self.device}")
@@ -161,6 +172,10 @@ class Trainer:
         self.epoch = 0  # completed epochs
         self.step_in_epoch = 0  # completed steps of the current epoch
         self.global_step = 0
+        # The current epoch's running sums of the logged loss parts and its training time so far: saved with
+        # the checkpoints, so that an epoch cut by a resume is summarised as if it had not been.
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_seconds = 0.0
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -168,7 +183,8 @@ class Trainer:
         rng = distributed.all_gather_object(_rng_state(self.generator))
         return {"format": PRETRAIN_FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "rng": rng[0], "world_size": self.world, "rng_ranks": rng}
+                "global_step": self.global_step, "rng": rng[0], "world_size": self.world, "rng_ranks": rng,
+                "epoch_sums": dict(self.epoch_sums), "epoch_seconds": self.epoch_seconds}
 
     def save(self, name: str = "last.pt") -> Path:
         """Every rank calls this; rank 0 writes (the model and optimizer are the same on every rank)."""
@@ -180,17 +196,32 @@ class Trainer:
     def load(self, path: Path):
         ckpt = load_checkpoint(path, map_location=self.device)
         if not isinstance(ckpt, dict) or ckpt.get("format") != PRETRAIN_FORMAT:
-            raise ValueError(f"{path} is not a skelemix pretraining checkpoint (format {PRETRAIN_FORMAT})")
+            raise CheckpointError(f"{path} is not a skelemix pretraining checkpoint (format {PRETRAIN_FORMAT})")
+        require_parts(ckpt, path, RESUME_PARTS, "resume from it")
+        position = [ckpt[k] for k in ("epoch", "step_in_epoch", "global_step")]
+        if not all(isinstance(v, int) and v >= 0 for v in position):
+            raise CheckpointError(f"{path}: expected counts >= 0 for epoch, step_in_epoch and global_step; got "
+                                  f"{cli.short(position)}")
         self._check_resumable(path, ckpt)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        with reading_part(path, "model"):
+            self.model.load_state_dict(ckpt["model"])
+        with reading_part(path, "optimizer"):
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self._set_capturable()
-        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.epoch, self.step_in_epoch, self.global_step = position
+        sums = ckpt.get("epoch_sums")
+        if sums is None and self.step_in_epoch:
+            distributed.print0(f"note: {path} holds no running sums of epoch {self.epoch + 1} (an older checkpoint): "
+                               "that epoch's summary averages only the steps after this resume", flush=True)
+        with reading_part(path, "epoch_sums"):
+            self.epoch_sums = {str(k): float(v) for k, v in (sums or {}).items()}
+            self.epoch_seconds = float(ckpt.get("epoch_seconds", 0.0))
         if self.graphed is not None:  # a captured graph would still point at the replaced optimizer state
             self.graphed.reset()
         states = ckpt.get("rng_ranks", [ckpt["rng"]])
         if len(states) == self.world:
-            _set_rng_state(states[self.rank], self.generator)
+            with reading_part(path, "rng"):
+                _set_rng_state(states[self.rank], self.generator)
         else:  # no stream to continue for some ranks: fresh per-rank streams, distinct from the run's start
             seed = distributed.rank_seed(self.config.train.seed + 7919 * (self.global_step + 1), self.rank)
             self.generator.manual_seed(seed)
@@ -206,9 +237,11 @@ class Trainer:
         # Records written after this checkpoint belong to steps that will be redone.
         metrics = self.out / "metrics.jsonl"
         if metrics.exists():
-            keep = [line for line in metrics.read_text().splitlines()
-                    if line and json.loads(line).get("global_step", 0) <= self.global_step]
-            metrics.write_text("".join(line + "\n" for line in keep))
+            records = read_metrics(metrics)
+            if not all(isinstance(r.get("global_step", 0), int) for r in records):
+                raise ValueError(f"{metrics}: a record's global_step is not an integer; move the file away to resume")
+            keep = [r for r in records if r.get("global_step", 0) <= self.global_step]
+            metrics.write_text("".join(json.dumps(r) + "\n" for r in keep))
 
     def _set_capturable(self):
         """AdamW's ``capturable`` (and where its step counters live) as this run needs, whatever the run that
@@ -225,12 +258,14 @@ class Trainer:
         """The epoch position and queue pointer of a checkpoint count global batches of its run: another number
         of processes is fine when it divides the global batch (checked in __init__); another global batch is
         fine only at an epoch boundary with a queue pointer on a multiple of it."""
-        old, new = ckpt["config"]["train"]["batch_size"], self.config.train.batch_size
+        with reading_part(path, "config"):
+            old, new = ckpt["config"]["train"]["batch_size"], self.config.train.batch_size
         if old == new:
             return
-        ptr = int(ckpt["model"]["queue_ptr"])
+        with reading_part(path, "model"):
+            ptr = int(ckpt["model"]["queue_ptr"])
         if ckpt["step_in_epoch"] or ptr % new:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot resume {path} with train.batch_size {new}: it was trained with global batch {old} and "
                 + (f"stopped inside an epoch (step {ckpt['step_in_epoch']}), whose remaining batches are batches of "
                    f"{old}" if ckpt["step_in_epoch"] else f"its queue pointer ({ptr}) is not a multiple of {new}")
@@ -357,6 +392,12 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(c.to_dict(), sort_keys=False))
+            metrics = self.out / "metrics.jsonl"
+            if self.global_step == 0 and metrics.is_file() and metrics.stat().st_size:
+                print(f"note: {metrics} held the records of an earlier run in this folder; this run starts it anew "
+                      "(--resume continues a run instead)", file=sys.stderr, flush=True)
+                metrics.write_text("")
+            remove_temporaries(self.out / "checkpoints")  # of saves killed mid-write
             self.tb = _summary_writer(self.out / "tb")
         # Ctrl-C finishes the current step, saves a checkpoint and stops; a second Ctrl-C aborts at once.
         interrupted = threading.Event()
@@ -375,7 +416,8 @@ class Trainer:
                     group["lr"] = lr
                 self.sampler.set_epoch(epoch, self.step_in_epoch)  # resumes mid-epoch at the same batch
                 bar = _progress(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch}/{t.epochs}", self.progress)
-                sums, count, start = {}, 0, time.perf_counter()
+                session_start, session_steps = time.perf_counter(), 0
+                start = session_start - self.epoch_seconds  # the epoch's time includes that before a resume
                 for x in self._train_batches():
                     if distributed.any_rank(interrupted.is_set(), self.device):
                         raise KeyboardInterrupt
@@ -386,18 +428,19 @@ class Trainer:
                     parts = self.train_step(x)
                     self.step_in_epoch += 1
                     self.global_step += 1
-                    count += 1
+                    session_steps += 1
                     for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + v
+                        self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+                    self.epoch_seconds = time.perf_counter() - start
                     self._log({"kind": "step", "epoch": epoch, "global_step": self.global_step, **parts})
-                    rate = count * t.batch_size / (time.perf_counter() - start)
+                    rate = session_steps * t.batch_size / (time.perf_counter() - session_start)
                     bar.set_postfix(loss=f"{parts['loss']:.3f}", samples_per_s=f"{rate:.0f}")
                     bar.update(1)
                 bar.close()
-                self.epoch, self.step_in_epoch = epoch, 0
-                means = {k: v / max(count, 1) for k, v in sums.items()}
+                means = {k: v / max(self.step_in_epoch, 1) for k, v in self.epoch_sums.items()}
                 record = {"kind": "epoch", "epoch": epoch, "global_step": self.global_step, "lr": lr, **means,
-                          "seconds": time.perf_counter() - start}
+                          "seconds": self.epoch_seconds}
+                self.epoch, self.step_in_epoch, self.epoch_sums, self.epoch_seconds = epoch, 0, {}, 0.0
                 self._log(record)
                 line = f"epoch {epoch}/{t.epochs}  loss {means.get('loss', math.nan):.4f}  " \
                        f"(ins {means.get('loss_ins', math.nan):.3f}, p {means.get('loss_p', math.nan):.3f}, " \
@@ -586,25 +629,47 @@ def main(argv=None) -> int:
     if args.list_configs:
         print("\n".join(list_configs()))
         return 0
-    try:
-        if args.resume and args.config is None:
-            out = Path(args.out or load_config().train.out)
-            args.config = str(out / "config.yaml")
-        config = load_config(args.config, _cli_overrides(args))
-        distributed.init(config.dist.backend, resolve_device(config.train.device))  # no-op without torchrun
-        trainer = Trainer(config, progress=not args.no_progress)
-        if args.resume:
-            path = trainer.out / "checkpoints" / "last.pt" if args.resume == "last" else Path(args.resume)
-            trainer.load(path)
-            distributed.print0(f"resumed from {path}: epoch {trainer.epoch}, step {trainer.global_step}", flush=True)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-        print(f"{prefix}error: {err}", file=sys.stderr)
-        return 2  # no collective teardown: the other ranks may not have failed; torchrun ends them
+    return cli.run(lambda: _pretrain(args), debug=args.debug)
+
+
+def _run_config(args) -> tuple[Config, Path | None]:
+    """The run's config and the checkpoint to resume (None for a new run). Without ``--config``, ``--resume``
+    takes the config of the run in ``--out``, and ``--resume PATH`` the config saved in that checkpoint."""
+    overrides = _cli_overrides(args)
+    if args.resume and args.resume != "last" and args.config is None:
+        ckpt = load_checkpoint(args.resume)
+        require_parts(ckpt, args.resume, ("config",), "resume from it")
+        return build_config(ckpt["config"], overrides), Path(args.resume)
+    if args.resume and args.config is None:
+        out = Path(args.out or load_config().train.out)
+        if not (out / "config.yaml").is_file():
+            raise FileNotFoundError(f"nothing to resume in {out}: it has no config.yaml, so no run was started there "
+                                    "(pass the --out of the run to resume, or start one without --resume)")
+        args.config = out / "config.yaml"
+    config = load_config(args.config, overrides)
+    if args.resume != "last":
+        return config, Path(args.resume) if args.resume else None
+    path = Path(config.train.out) / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume in {config.train.out}: {path} does not exist (the run stopped "
+                                "before its first checkpoint was complete); start the run again without --resume")
+    return config, path
+
+
+def _pretrain(args) -> int:
+    config, resume = _run_config(args)
+    distributed.init(config.dist.backend, resolve_device(config.train.device))  # no-op without torchrun
+    trainer = Trainer(config, progress=not args.no_progress)
+    if resume is not None:
+        trainer.load(resume)
+        distributed.print0(f"resumed from {resume}: epoch {trainer.epoch}, step {trainer.global_step}", flush=True)
+        if trainer.epoch >= config.train.epochs:
+            distributed.print0(f"note: {resume} has finished all {config.train.epochs} epochs: nothing to train "
+                               "(pass a larger --epochs to train on)", flush=True)
     n_params = sum(p.numel() for p in trainer.params)
-    distributed.print0(f"pretraining {config.model.variant} on {config.data.root} ({len(trainer.train_set)} train / "
-                       f"{len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable parameters, "
-                       f"device {trainer.device}, impl {config.train.impl}, data "
+    distributed.print0(f"pretraining {describe_variant(config)} on {config.data.root} ({len(trainer.train_set)} "
+                       f"train / {len(trainer.val_set)} val, view {config.data.view}), {n_params:,} trainable "
+                       f"parameters, device {trainer.device}, impl {config.train.impl}, data "
                        f"{'resident on the device' if trainer.resident is not None else 'through a DataLoader'}, "
                        f"amp {config.train.amp}, cuda_graph {config.train.cuda_graph}, output {trainer.out}\n"
                        f"{describe_batch_and_lr(config, trainer.world)}", flush=True)
@@ -621,9 +686,11 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     from .viz import plot_curves
 
-    plots = plot_curves(trainer.out / "metrics.jsonl", trainer.out)
-    print(f"pretraining done in {elapsed:.0f}s ({trainer.global_step} steps); wrote {', '.join(p.name for p in plots)}"
-          f" and checkpoints in {trainer.out}", flush=True)
+    metrics = trainer.out / "metrics.jsonl"  # absent when a finished checkpoint was resumed into a new --out
+    plots = plot_curves(metrics, trainer.out) if metrics.is_file() else []
+    wrote = [p.name for p in plots] + (["checkpoints"] if (trainer.out / "checkpoints" / "last.pt").is_file() else [])
+    print(f"pretraining done in {elapsed:.0f}s ({trainer.global_step} steps); wrote {', '.join(wrote) or 'nothing'} in "
+          f"{trainer.out}", flush=True)
     if config.train.final_linear_eval:
         results = trainer.linear_eval()
         print(f"\nlinear evaluation on {len(trainer.val_set)} held-out sequences "
@@ -631,8 +698,8 @@ def main(argv=None) -> int:
         for name, r in results.items():
             print(f"  {name:<12} top-1 {r['last']:5.1f}%")
         gain = results["pretrained"]["last"] - results["random init"]["last"]
-        print(f"  SkeleMixCLR pretraining gain over random init: {gain:+.1f} points")
-        with open(trainer.out / "metrics.jsonl", "a") as f:
+        print(f"  {describe_variant(config)} pretraining gain over random init: {gain:+.1f} points")
+        with open(metrics, "a") as f:
             f.write(json.dumps({"kind": "linear", "global_step": trainer.global_step,
                                 **{k: v["last"] for k, v in results.items()}}) + "\n")
     return 0

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import cli
 from .graph import NTU, Layout
 
 # Colours of the SkeleMix regions, shared by the grid and the animation.
@@ -47,21 +48,27 @@ def _save(fig, path: Path, dpi: int = 100) -> Path:
 
 # ---------------------------------------------------------------------------------------------- curves
 def read_metrics(metrics_path: str | Path) -> list[dict]:
-    """The records of a trainer's ``metrics.jsonl``; a torn last line (a run killed mid-write) is skipped."""
+    """The records of a trainer's ``metrics.jsonl``. A torn last line (a run killed while writing it) is dropped
+    with a note; any other line that is not a JSON object is an error naming the file and the line."""
     path = Path(metrics_path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics file not found: {path}")
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     records = []
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as err:
             if i == len(lines) - 1:
+                print(f"note: {path}:{i + 1}: dropped a torn last record (the run stopped while writing it)",
+                      file=sys.stderr)
                 continue
-            raise ValueError(f"{path}:{i + 1}: not a JSON record: {err}") from err
+            raise ValueError(f"{path}:{i + 1}: not a JSON record: {err}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
     return records
 
 
@@ -378,7 +385,7 @@ def _load_sequences(args) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
         pick = lambda i: (np.asarray(ds.data[ds.indices[i]], dtype=np.float32), int(ds.targets[i]))  # noqa: E731
         size = len(ds)
     if not 0 <= args.index < size:
-        raise IndexError(f"--index {args.index} is outside the {size} samples of {source}")
+        raise ValueError(f"--index {args.index} is outside the {size} samples of {source}")
     if args.partner is None:
         rng = np.random.default_rng(args.seed)
         partner = int(rng.integers(0, size - 1))
@@ -386,7 +393,7 @@ def _load_sequences(args) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
     else:
         partner = args.partner
         if not 0 <= partner < size or partner == args.index:
-            raise IndexError(f"--partner {partner} must be another sample in [0, {size})")
+            raise ValueError(f"--partner {partner} must be another sample in [0, {size})")
     (x, yx), (p, yp) = pick(args.index), pick(partner)
     return x, p, [classes[yx], classes[yp]], {"source": source, "partner": partner}
 
@@ -430,20 +437,21 @@ def parse_args(argv=None):
     c = sub.add_parser("curves", help="draw loss.png and knn.png from a trainer's metrics.jsonl")
     c.add_argument("metrics", help="path to metrics.jsonl")
     c.add_argument("--out", default=None, help="output folder (default: the folder of metrics.jsonl)")
+    cli.add_debug_flag(p)
     return p.parse_args(argv)
+
+
+def _command(args) -> int:
+    if args.command == "curves":
+        return _curves_command(args)
+    if args.frames < 1 or args.length < 4 or args.step < 1:
+        raise ValueError("--frames and --step must be >= 1 and --length >= 4")
+    return _mix_command(args)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        if args.command == "mix":
-            if args.frames < 1 or args.length < 4 or args.step < 1:
-                raise ValueError("--frames and --step must be >= 1 and --length >= 4")
-            return _mix_command(args)
-        return _curves_command(args)
-    except (FileNotFoundError, IndexError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return cli.run(lambda: _command(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
+import errno
 import os
 
 import pytest
 import torch
 
 from official_stgcn import OfficialModel
-from skelemix.checkpoint import export_official, load_checkpoint, load_official, save_checkpoint
+from skelemix.checkpoint import (CheckpointError, export_official, load_checkpoint, load_official, reading_part,
+                                 remove_temporaries, require_parts, save_checkpoint)
 from skelemix.models import STGCN, SkeleMixCLR
 from skelemix.testing import perturb_state
 
@@ -37,10 +39,70 @@ class Payload:
 def test_load_refuses_code_in_pickles(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"x": Payload()}, path)
-    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*evil.pt safely"):
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*evil.pt safely \(weights_only=True\): Trying "
+                                              r"to load unsupported GLOBAL posix.system whose module posix is blocked.$"):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_unloadable_files_are_named(tmp_path):
+    good = save_checkpoint({"w": torch.arange(100)}, tmp_path / "good.pt").read_bytes()
+    for name, data in (("truncated.pt", good[: len(good) // 2]), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"cannot load checkpoint {tmp_path / name}: the file is damaged, "
+                                                  r"truncated or not a torch checkpoint \(.+\)$"):
+            load_checkpoint(tmp_path / name)
+    (tmp_path / "text.pt").write_bytes(b"not a zip\n")  # read as a legacy pickle: its first byte is no opcode
+    with pytest.raises(CheckpointError, match=f"cannot load checkpoint {tmp_path / 'text.pt'} safely "
+                                              r"\(weights_only=True\): Unsupported operand 110$"):
+        load_checkpoint(tmp_path / "text.pt")
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*folder.pt"):
+        load_checkpoint(tmp_path / "folder.pt")
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = save_checkpoint({"step": 1}, tmp_path / "last.pt")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError) as info:
+        save_checkpoint({"step": 2}, path)
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(path))
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_temporaries_of_killed_saves_are_removed(tmp_path):
+    orphans = [tmp_path / name for name in (".last.pt.abc12345.tmp", ".epoch5.pt.x_y_z_1.tmp")]
+    keep = [tmp_path / name for name in ("last.pt", "notes.tmp", ".hidden.tmp", ".last.pt.keep")]
+    for p in orphans + keep:
+        p.write_bytes(b"x")
+    save_checkpoint({"step": 1}, tmp_path / "last.pt")  # removes the temporaries of last.pt only
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep + orphans[1:])
+    remove_temporaries(tmp_path)  # of every checkpoint (what the trainer does when it starts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in keep)
+
+
+def test_missing_and_unfit_parts_are_named(tmp_path):
+    path = tmp_path / "c.pt"
+    with pytest.raises(CheckpointError, match=r"c.pt: cannot resume: the checkpoint has no 'optimizer', 'rng' \(found "
+                                              r"keys \['model'\]\)"):
+        require_parts({"model": {}}, path, ("model", "optimizer", "rng"), "resume")
+    with pytest.raises(CheckpointError, match="c.pt: cannot resume: expected a dict, found list"):
+        require_parts([1], path, ("model",), "resume")
+    with pytest.raises(CheckpointError, match="c.pt: its 'model' does not fit this run: no key 'queue_ptr'"):
+        with reading_part(path, "model"):
+            {}["queue_ptr"]
+    with pytest.raises(CheckpointError, match=r"c.pt: its 'model' does not fit this run: Error\(s\) in loading"):
+        with reading_part(path, "model"):
+            torch.nn.Linear(2, 2).load_state_dict({"weight": torch.zeros(3, 3)})
+    with pytest.raises(ZeroDivisionError):  # a bug is not the file's fault
+        with reading_part(path, "model"):
+            1 / 0
 
 
 @pytest.mark.parametrize("mlp", [False, True])

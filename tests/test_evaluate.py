@@ -228,6 +228,28 @@ def test_clear_errors(ckpt, tmp_path, capsys):
         evaluate.class_names(train, val)
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"PK\x03\x04 cut short", "cannot load checkpoint {path}: the file is damaged, truncated or not a torch "
+                              "checkpoint ("),
+    (b"", "cannot load checkpoint {path}: the file is damaged, truncated or not a torch checkpoint (EOFError)"),
+    ({"format": "skelemix-pretrain/1", "model": {}}, "{path}: cannot evaluate it: the checkpoint has no 'config' "
+                                                     "(found keys ['format', 'model'])"),
+    ({"format": "skelemix-pretrain/1", "config": {}, "model": [1, 2]}, "{path}: its 'model' is list, not a state dict"),
+    ({"format": "skelemix-pretrain/1", "config": [1], "model": {}}, "the config: expected a mapping of sections, got "
+                                                                    "list [1]"),
+])
+def test_unusable_checkpoints_end_in_one_line(ckpt, tmp_path, capsys, content, message):
+    path = tmp_path / "bad.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        save_checkpoint(content, path)
+    assert evaluate.main(["knn", "--checkpoint", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("error: " + message.format(path=path))
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- ensemble
 def fake_result(path, scores, labels, view):
     path.mkdir(parents=True)

@@ -1,9 +1,13 @@
+import errno
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
+import skelemix.train
 from skelemix.config import ConfigError, build_config, load_config
 from skelemix.train import Trainer, main
 
@@ -25,6 +29,25 @@ def step_losses(out):
     return [(r["global_step"], r["loss"]) for r in records if r["kind"] == "step"]
 
 
+def metrics(out):
+    """Every record of a run's metrics.jsonl but the wall-clock seconds."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def one_line(text: str) -> str:
+    assert "Traceback" not in text and text.count("\n") == 1, text
+    return text.rstrip("\n")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A 2-epoch run that was never stopped (4 steps): what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("straight")
+    assert run(out, "--epochs", "2") == 0
+    return out
+
+
 def test_two_step_run_writes_everything(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--epochs", "1") == 0
@@ -37,15 +60,20 @@ def test_two_step_run_writes_everything(tmp_path, capsys):
     assert load_config(out / "config.yaml").model.hidden_channels == 4
 
 
-def test_interrupted_then_resumed_run_reproduces_the_losses(tmp_path):
-    assert run(tmp_path / "straight", "--epochs", "2") == 0
-    assert run(tmp_path / "stopped", "--epochs", "2", "--max-steps", "3") == 0  # stops inside epoch 2
-    assert len(step_losses(tmp_path / "stopped")) == 3
-    assert run(tmp_path / "stopped", "--epochs", "2", "--resume") == 0
-    straight, resumed = step_losses(tmp_path / "straight"), step_losses(tmp_path / "stopped")
-    assert len(straight) == 4 and resumed == straight  # bitwise equal losses
-    a = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "stopped/checkpoints/last.pt", weights_only=True)["model"]
+def test_interrupted_then_resumed_run_reproduces_the_losses_and_metrics(straight, tmp_path, capsys):
+    stopped = tmp_path / "stopped"
+    assert run(stopped, "--epochs", "2", "--max-steps", "3") == 0  # stops inside epoch 2
+    assert len(step_losses(stopped)) == 3
+    with open(stopped / "metrics.jsonl", "a") as f:  # and was killed while writing a record
+        f.write('{"kind": "step", "epoch": 2, "glo')
+    capsys.readouterr()
+    assert run(stopped, "--epochs", "2", "--resume") == 0
+    assert f"note: {stopped / 'metrics.jsonl'}:6: dropped a torn last record" in capsys.readouterr().err
+    assert len(step_losses(straight)) == 4 and step_losses(stopped) == step_losses(straight)  # bitwise equal
+    # The summary of epoch 2 averages its steps from both sessions, as the uninterrupted run's does.
+    assert metrics(stopped) == metrics(straight)
+    a = torch.load(straight / "checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(stopped / "checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -97,7 +125,7 @@ def test_missing_implementation_is_reported(tmp_path, capsys, monkeypatch):
     assert "impl='triton' cannot run the model here" in err and "skelemix.ops.graph_conv: impl='triton'" in err
 
 
-def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_and_resume_finishes_the_run(straight, tmp_path, monkeypatch, capsys):
     import signal
 
     original = Trainer.train_step
@@ -114,8 +142,8 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(tmp_path, monkeypatch, capsys)
     assert len(step_losses(tmp_path / "run")) == 3
     monkeypatch.setattr(Trainer, "train_step", original)
     assert run(tmp_path / "run", "--epochs", "2", "--resume") == 0
-    assert run(tmp_path / "straight", "--epochs", "2") == 0
-    assert step_losses(tmp_path / "run") == step_losses(tmp_path / "straight")
+    assert step_losses(tmp_path / "run") == step_losses(straight)
+    assert metrics(tmp_path / "run") == metrics(straight)
 
 
 def test_resident_data_gives_the_same_run_as_the_dataloader(tmp_path):
@@ -153,3 +181,87 @@ def test_bf16_autocast_follows_the_fp32_loss(tmp_path, impl):
     mean32, mean16 = (sum(v for _, v in run) / len(run) for run in (fp32, bf16))
     assert abs(mean32 - mean16) <= 0.1 * mean32, (fp32, bf16)
     assert fp32 != bf16  # autocast really ran in bf16
+
+
+# ------------------------------------------------------------------------------ resuming what a crash leaves
+def test_a_run_killed_in_its_first_save(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(out, "--max-steps", "1") == 0
+    # What kill -9 inside the first save leaves: config.yaml, metrics.jsonl, a temporary and no checkpoint.
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()
+    orphan = out / "checkpoints" / ".last.pt.k1ll3d9x.tmp"
+    orphan.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    assert run(out, "--max-steps", "1", "--resume") == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: nothing to resume in {out}: {out / 'checkpoints' / 'last.pt'} does not exist (the run stopped before "
+        "its first checkpoint was complete); start the run again without --resume")
+    assert run(out, "--max-steps", "1") == 0  # as the message says
+    assert one_line(capsys.readouterr().err) == (
+        f"note: {out / 'metrics.jsonl'} held the records of an earlier run in this folder; this run starts it anew "
+        "(--resume continues a run instead)")
+    assert len(metrics(out)) == 1  # the new run's one step, not appended to the killed run's
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]  # the orphan is gone
+    assert run(tmp_path / "never", "--resume") == 2
+    assert one_line(capsys.readouterr().err) == (
+        f"error: nothing to resume in {tmp_path / 'never'}: it has no config.yaml, so no run was started there (pass "
+        "the --out of the run to resume, or start one without --resume)")
+
+
+def test_a_finished_checkpoint_resumed_into_a_new_folder(straight, tmp_path, capsys):
+    """Nothing left to train: the run goes on to the final linear evaluation, whose summary names the variant."""
+    new = tmp_path / "new"
+    assert run(new, "--resume", str(straight / "checkpoints" / "last.pt"), "--set", "train.final_linear_eval=true",
+               "--set", "train.linear_epochs=2") == 0
+    text = capsys.readouterr().out
+    assert f"note: {straight / 'checkpoints' / 'last.pt'} has finished all 2 epochs: nothing to train" in text
+    assert "skelemixclr+ pretraining gain over random init" in text and "SkeleMixCLR" not in text
+    assert [r["kind"] for r in metrics(new)] == ["linear"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ("drop optimizer", "cannot resume from it: the checkpoint has no 'optimizer' (found keys ["),
+    ("drop rng", "cannot resume from it: the checkpoint has no 'rng' (found keys ["),
+    ("bad rng", "its 'rng' does not fit this run: "),
+    ("bad step", "expected counts >= 0 for epoch, step_in_epoch and global_step; got [2, -1, 4]"),
+    ("wider model", "its 'model' does not fit this run: Error(s) in loading state_dict for SkeleMixCLR: "),
+])
+def test_broken_checkpoints_are_named(straight, tmp_path, capsys, change, message):
+    ckpt = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    extra = []
+    if change.startswith("drop"):
+        del ckpt[change.split()[1]]
+    elif change == "bad rng":
+        ckpt["rng"]["torch"] = torch.zeros(3)
+    elif change == "bad step":
+        ckpt["step_in_epoch"] = -1
+    else:
+        extra = ["--set", "model.hidden_channels=8"]
+    path = tmp_path / "broken.pt"
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert run(tmp_path / "run", "--resume", str(path), *extra) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {path}: {message}"), line
+
+
+def test_nan_loss_ends_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    augment = skelemix.train.apply_augment
+    monkeypatch.setattr(skelemix.train, "apply_augment", lambda x, draws: augment(x, draws) * math.nan)
+    assert run(tmp_path, "--epochs", "1") == 2
+    assert one_line(capsys.readouterr().err) == (
+        "error: the loss became nan at step 1 (epoch 1); stopping instead of training on garbage. Lower optim.lr or "
+        "check the data for NaN/inf values")
+
+
+def test_full_disk_while_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run(tmp_path, "--max-steps", "1") == 2
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert one_line(capsys.readouterr().err) == f"error: {last}: No space left on device"
+    assert list(last.parent.iterdir()) == []  # no partial file

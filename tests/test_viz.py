@@ -100,3 +100,16 @@ def test_pca_finds_the_direction_of_largest_variance():
     centred = x - x.mean(0)
     assert abs(np.corrcoef(xy[:, 0], centred @ direction)[0, 1]) > 0.999
     assert xy[:, 0].var() > 100 * xy[:, 1].var()
+
+
+def test_torn_and_bad_metrics_lines(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"kind": "epoch", "epoch": 1, "loss": 1.0}) + '\n{"kind": "ep')
+    assert viz.read_metrics(path) == [{"kind": "epoch", "epoch": 1, "loss": 1.0}]
+    assert capsys.readouterr().err == f"note: {path}:2: dropped a torn last record (the run stopped while writing it)\n"
+    path.write_text('{"kind": "ep\n' + json.dumps({"kind": "epoch", "epoch": 1}) + "\n")
+    assert viz.main(["curves", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}:1: not a JSON record: ")
+    path.write_text("[1, 2]\n")
+    assert viz.main(["curves", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}:1: expected a JSON object, got list\n"

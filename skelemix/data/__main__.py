@@ -98,13 +98,13 @@ def main(argv=None) -> int:
             n = export_pyskl(args.prepared, args.out)
             print(f"wrote {n} annotations to {args.out}")
             return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: the finished samples are kept; run the same command again to resume", file=sys.stderr)
-        return 130
-    except (DataFormatError, UnsafePickleError, FileNotFoundError, FileExistsError) as err:
-        hint = " (--skip-bad leaves such inputs out and lists them)" if isinstance(err, DataFormatError) else ""
-        print(f"error: {err}{hint}", file=sys.stderr)
-        return 1
+    except BaseException as err:  # noqa: BLE001 - handle() re-raises everything but user errors and Ctrl-C
+        from .. import cli
+
+        skip_bad = " (--skip-bad leaves such inputs out and lists them)"
+        return cli.handle(err, exit_code=1, hints={DataFormatError: skip_bad},
+                          interrupted="interrupted: the finished samples are kept; run the same command again to "
+                                      "resume")
     write_synthetic(args.out, args.train, args.val, args.frames, args.seed)
     print(f"wrote {args.train} train and {args.val} val sequences of {args.frames} frames to {args.out}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -113,7 +114,12 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
 
 def _check_val_list(path, val, skip_bad):
     """The view-3 files must be exactly CTR-GCN's test list, with the same labels (1-based there)."""
-    entries = safe_load(path)
+    try:
+        entries = safe_load(path)
+    except (pickle.UnpicklingError, EOFError) as err:  # a truncated or damaged file; refused globals pass on
+        if type(err).__name__ == "UnsafePickleError":
+            raise
+        raise DataFormatError(path, f"not a readable pickle ({err})") from None
     try:
         expected = {e["file_name"]: int(e["label"]) - 1 for e in entries}
     except (TypeError, KeyError, ValueError):

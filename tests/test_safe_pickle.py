@@ -241,9 +241,12 @@ def test_errors_name_the_global_and_stay_short(tmp_path):
         loads(_exec_by_builtins_get("numpy.dtypes", "_add_dtype_helper.__builtins__.get", tmp_path / "m"))
     with pytest.raises(UnsafePickleError, match="refusing opcode INST"):
         loads(_payloads(tmp_path / "m")["inst_os_system"])
-    with pytest.raises(UnsafePickleError) as err:
-        loads(_pickle(_stack_global("os", "x" * 100_000)))
-    assert len(str(err.value)) < 400
+    for name in ("x" * 100_000, "system\n\rTraceback (most recent call last):"):
+        with pytest.raises(UnsafePickleError) as err:
+            loads(_pickle(_stack_global("os", name)))
+        assert len(str(err.value)) < 400 and "\n" not in str(err.value) and "\r" not in str(err.value)
+    with pytest.raises(DataFormatError, match=r"^<bytes>: not a readable pickle \(it ends early: truncated\?\)$"):
+        loads(pickle.dumps(_pyskl())[:-1])
 
 
 # ---- malformed pickles ----------------------------------------------------------------------------------------

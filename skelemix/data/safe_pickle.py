@@ -56,6 +56,8 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 def _clip(text: str, limit: int = 100) -> str:
+    """``text`` for a one-line message: control characters escaped, at most ``limit`` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -266,6 +268,8 @@ def _load(file, source: str):
         return _Unpickler(file, source).load()
     except UnsafePickleError:
         raise
+    except EOFError:
+        raise DataFormatError(source, "not a readable pickle (it ends early: truncated?)") from None
     except Exception as err:  # noqa: BLE001 - whatever a malformed file makes the machine or numpy raise
         raise DataFormatError(source, f"not a readable pickle ({type(err).__name__}: {_clip(str(err), 200)})") \
             from None

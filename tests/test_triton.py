@@ -446,8 +446,8 @@ def test_bn_epilogue_backward_output_mask(ops, index):
                 assert out.shape == (0,), f"{mask}: unrequested output {i} has shape {tuple(out.shape)}"
 
 
-@interpreted
-def test_bn_epilogue_dropout_mask_beyond_2_32(ops):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_dropout_mask_beyond_2_32(ops, device):
     """The kernels' mask (tl.randint, Triton's Philox4x32-10) equals reference.dropout_keep bit for bit at flat
     indices a (C, T, V)-sized test cannot reach: the high 32 bits of the index are the second counter word."""
     import triton
@@ -458,8 +458,10 @@ def test_bn_epilogue_dropout_mask_beyond_2_32(ops):
     for seed_value, p in ((0x0123456789ABCDEF, 0.3), (-2, 0.5), (2**32 - 1, 0.9), (-2**63, 0.1)):
         seed = torch.tensor([seed_value])
         threshold = reference.dropout_threshold(p)
-        out = torch.empty(idx.shape, dtype=torch.int8)
-        kb.dropout_keep_kernel[(triton.cdiv(idx.numel(), 128),)](seed, idx, out, idx.numel(), threshold, BLOCK=128)
+        out = torch.empty(idx.shape, dtype=torch.int8, device=device)
+        kb.dropout_keep_kernel[(triton.cdiv(idx.numel(), 128),)](seed.to(device), idx.to(device), out, idx.numel(),
+                                                                 threshold, BLOCK=128)
+        out = out.cpu()
         assert torch.equal(out.bool(), reference.dropout_bits(seed, idx) >= threshold), f"seed {seed_value:#x}"
         assert torch.equal(out[:64].bool(), reference.dropout_keep(seed, (64,), p)), f"seed {seed_value:#x}"
         assert torch.equal(out[64:192].bool(), reference.dropout_keep(seed, (128,), p, offset=(1 << 32) - 64)), (

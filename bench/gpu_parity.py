@@ -69,6 +69,27 @@ def check(op: str, impl: str, dtype: torch.dtype, device: str = "cuda") -> list[
     return report
 
 
+def check_dropout_mask(impl: str, device: str = "cuda") -> list[str]:
+    """bn_epilogue's dropout mask across the 2**32 counter boundary (flat indices beyond any sample's size),
+    computed as the kernels compute it, against the reference bit for bit."""
+    seed, start, numel, p = torch.tensor([0x0123456789ABCDEF], device=device), 2**32 - 512, 1024, 0.3
+    if impl == "triton":
+        import triton
+
+        from skelemix.ops import _triton
+
+        out = torch.empty(numel, dtype=torch.int8, device=device)
+        _triton._kernels("bn_epilogue").dropout_keep_kernel[(triton.cdiv(numel, 128),)](
+            seed, torch.arange(start, start + numel, device=device), out, numel, reference.dropout_threshold(p),
+            BLOCK=128)
+        got = out.bool()
+    else:
+        got = torch.ops.skelemix._bn_epilogue_dropout_keep(seed, start, numel, p)
+    differ = int((got.cpu() != reference.dropout_keep(seed.cpu(), (numel,), p, offset=start)).sum())
+    name = f"bn_epilogue impl={impl} dropout mask across 2**32"
+    return [f"ok   {name}" if differ == 0 else f"FAIL {name}: {differ} of {numel} elements differ"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", nargs="+", default=["cuda", "triton"])
@@ -88,6 +109,7 @@ def main(argv=None) -> int:
         for op in OPS:
             for dtype in args.dtype:
                 lines += check(op, impl, getattr(torch, dtype), args.device)
+        lines += check_dropout_mask(impl, args.device)
     print("\n".join(lines))
     failed = sum(line.startswith("FAIL") for line in lines)
     print(f"{len(lines) - failed} ok/skipped, {failed} failed")

@@ -15,6 +15,16 @@ namespace skelemix {
 namespace {
 constexpr const char* kOp = "skelemix::bn_epilogue";
 constexpr const char* kBackwardOp = "skelemix::_bn_epilogue_backward";
+constexpr const char* kKeepOp = "skelemix::_bn_epilogue_dropout_keep";
+
+void check_seed(const at::Tensor& seed, const char* op) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, op,
+              ": seed must be an int64 tensor of one element; got ", seed.scalar_type(), " of shape ", seed.sizes());
+}
+
+void check_p(double p, const char* op) {
+  TORCH_CHECK(p >= 0 && p < 1, op, ": p (dropout probability) must be in [0, 1); got ", p);
+}
 
 void check_channel_vector(const at::Tensor& t, const char* name, const at::Tensor& x, const char* op) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1),
@@ -38,11 +48,10 @@ void check_common(const at::Tensor& x, const at::Tensor& weight, const at::Tenso
   TORCH_CHECK(x.dim() >= 2, op, ": x must be at least 2-D (N, C, *); got shape ", x.sizes());
   check_floating(x, op, "x");
   check_channel_vector(weight, "weight", x, op);
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong, op,
-              ": seed must be an int64 tensor of one element; got ", seed.scalar_type(), " of shape ", seed.sizes());
+  check_seed(seed, op);
   check_same_device(x, "x", seed, "seed", op);
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0; got ", eps);
-  TORCH_CHECK(p >= 0 && p < 1, op, ": p (dropout probability) must be in [0, 1); got ", p);
+  check_p(p, op);
 }
 }  // namespace
 
@@ -83,6 +92,13 @@ void check_bn_epilogue_backward_args(const at::Tensor& grad, const at::Tensor& x
   check_channel_vector(var, "var", x, kBackwardOp);
 }
 
+void check_bn_epilogue_dropout_keep_args(const at::Tensor& seed, int64_t start, int64_t numel, double p) {
+  check_seed(seed, kKeepOp);
+  TORCH_CHECK(start >= 0 && numel >= 0 && numel <= INT64_MAX - start, kKeepOp,
+              ": start and numel must be >= 0 with start + numel < 2**63; got start ", start, " and numel ", numel);
+  check_p(p, kKeepOp);
+}
+
 }  // namespace skelemix
 
 TORCH_LIBRARY_FRAGMENT(skelemix, m) {
@@ -101,4 +117,7 @@ TORCH_LIBRARY_FRAGMENT(skelemix, m) {
   m.def("_bn_epilogue_backward(Tensor grad, Tensor x, Tensor y, Tensor weight, Tensor mean, Tensor var, Tensor seed,"
         " float eps, float p, bool relu, bool batch_stats, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // The dropout mask of flat elements [start, start + numel) (bool, True = kept), computed as the kernels do: lets
+  // tests compare every backend with skelemix.reference.dropout_keep at counters beyond 2**32.
+  m.def("_bn_epilogue_dropout_keep(Tensor seed, int start, int numel, float p) -> Tensor");
 }

@@ -21,6 +21,7 @@ void check_bn_epilogue_args(const at::Tensor& x, const at::Tensor& weight, const
 void check_bn_epilogue_backward_args(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y,
                                      const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
                                      const at::Tensor& seed, double eps, double p);
+void check_bn_epilogue_dropout_keep_args(const at::Tensor& seed, int64_t start, int64_t numel, double p);
 
 // The accumulation dtype of x: float64 for float64, float32 otherwise (weight, bias and statistics use it).
 at::ScalarType bn_epilogue_acc_type(const at::Tensor& x);
@@ -28,8 +29,8 @@ at::ScalarType bn_epilogue_acc_type(const at::Tensor& x);
 // Batch statistics over every dim but 1, in the accumulation dtype: (mean, biased var).
 std::tuple<at::Tensor, at::Tensor> bn_epilogue_batch_stats(const at::Tensor& x);
 
-// The counter-based dropout hash shared by every kernel (skelemix.reference.dropout_keep): element i is kept iff
-// dropout_hash(i, k0, k1) >= dropout_threshold(p), with k0/k1 the low/high 32 bits of the seed.
+// Counter-based dropout shared by every kernel (skelemix.reference.dropout_keep): element i is kept iff
+// dropout_bits(i, k0, k1) >= dropout_threshold(p) (unsigned), with k0/k1 the low/high 32 bits of the seed.
 inline uint32_t dropout_threshold(double p) {
   const double t = p * 4294967296.0;
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
@@ -41,16 +42,29 @@ inline uint32_t dropout_threshold(double p) {
 #define SKELEMIX_HOST_DEVICE inline
 #endif
 
-SKELEMIX_HOST_DEVICE uint32_t fmix32(uint32_t h) {
-  h ^= h >> 16;
-  h *= 0x85EBCA6Bu;
-  h ^= h >> 13;
-  h *= 0xC2B2AE35u;
-  return h ^ (h >> 16);
+// Word 0 of Philox4x32-10 (Salmon et al., SC 2011; the generator of cuRAND and Triton) with key (k0, k1) and
+// counter (lo, hi, 0, 0): Triton's tl.randint(seed, index) for index = hi * 2**32 + lo. The compiler folds the
+// zero counter words and the unused outputs of the last round.
+SKELEMIX_HOST_DEVICE uint32_t philox4x32_10_word0(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1) {
+  uint32_t c0 = lo, c1 = hi, c2 = 0, c3 = 0;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+    const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+    c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+    c1 = static_cast<uint32_t>(p1);
+    c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+    c3 = static_cast<uint32_t>(p0);
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
 }
 
-SKELEMIX_HOST_DEVICE uint32_t dropout_hash(uint64_t i, uint32_t k0, uint32_t k1) {
-  return fmix32(fmix32(static_cast<uint32_t>(i) ^ k0) ^ (static_cast<uint32_t>(i >> 32) + k1));
+SKELEMIX_HOST_DEVICE uint32_t dropout_bits(uint64_t i, uint32_t k0, uint32_t k1) {
+  return philox4x32_10_word0(static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), k0, k1);
 }
 
 }  // namespace skelemix

@@ -1,8 +1,8 @@
 """Triton kernels of ``skelemix::bn_epilogue`` (registered in :mod:`skelemix.ops._triton`).
 
 ``x`` is viewed as contiguous ``(R = N*C, L)`` rows (``L`` = the product of the dims after the channels), so row
-``r`` belongs to channel ``r % C`` and element ``(r, l)`` has the flat index ``r * L + l`` that the dropout hash
-takes. Every kernel owns a ``(BLOCK_R, BLOCK_L)`` tile of rows x cells; the per-channel vectors (statistics,
+``r`` belongs to channel ``r % C`` and element ``(r, l)`` has the flat index ``r * L + l``, the Philox counter of
+its dropout bits. Every kernel owns a ``(BLOCK_R, BLOCK_L)`` tile of rows x cells; the per-channel vectors (statistics,
 scale, gradient coefficients) come from the launcher in fp32.
 
 Forward: one elementwise pass ``relu?(((x - mean) * a + bias) * keep / (1 - p) + residual)``.
@@ -34,24 +34,12 @@ def settings(rows: int, cells: int) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _fmix32(h):
-    # MurmurHash3's finaliser on uint32: the literals are uint32 too, so >> is logical and * wraps mod 2**32.
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@triton.jit
 def _keep(seed_ptr, i, threshold):
-    """skelemix.reference.dropout_keep at int64 flat indices ``i``: the seed is read on the device (no host sync,
-    so the op can be captured in a CUDA graph) and split into its low and high 32 bits."""
-    seed = tl.load(seed_ptr)
-    k0 = seed.to(tl.uint32)  # truncation keeps the low 32 bits
-    k1 = (seed >> 32).to(tl.uint32)
-    h = _fmix32(_fmix32(i.to(tl.uint32) ^ k0) ^ ((i >> 32).to(tl.uint32) + k1))
-    return h.to(tl.int64) >= threshold  # zero-extended: threshold may be 2**32 - 1
+    """skelemix.reference.dropout_keep at int64 flat indices ``i``: ``tl.randint(seed, i)`` is word 0 of
+    Philox4x32-10 with key = the seed's two 32-bit halves and counter = (i's two halves, 0, 0), the reference's
+    dropout_bits. The seed is read on the device (no host sync, so the op can be captured in a CUDA graph)."""
+    bits = tl.randint(tl.load(seed_ptr), i)  # uint32
+    return bits.to(tl.int64) >= threshold  # zero-extended: threshold may be 2**32 - 1
 
 
 @triton.jit
@@ -62,7 +50,7 @@ def bn_epilogue_fwd_kernel(
     mean_ptr, a_ptr, bias_ptr,  # (C,) fp32 mean, weight * rsqrt(var + eps), bias
     seed_ptr,  # (1,) int64 dropout seed (read when DROPOUT)
     R, C, L,  # rows (N*C), channels, cells per row
-    threshold,  # keep iff hash >= threshold (skelemix.reference.dropout_threshold(p))
+    threshold,  # keep iff the element's 32 random bits >= threshold (skelemix.reference.dropout_threshold(p))
     keep_scale,  # 1 / (1 - p)
     HAS_RES: tl.constexpr, DROPOUT: tl.constexpr, RELU: tl.constexpr,
     BLOCK_R: tl.constexpr,  # rows per program
@@ -186,7 +174,7 @@ def dropout_keep_kernel(
     threshold,  # as in the forward
     BLOCK: tl.constexpr,  # indices per program
 ):
-    """The forward's dropout mask at arbitrary flat indices: lets tests check the hash beyond 2**32 elements."""
+    """The forward's dropout mask at arbitrary flat indices: lets tests check it beyond 2**32 elements."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = j < n
     i = tl.load(idx_ptr + j, mask=ok, other=0)

@@ -1,5 +1,5 @@
-"""skelemix.ops.bn_epilogue: the C++ op against the eager reference, its dropout hash, its PT2 surface, errors,
-and the fused ST-GCN block against the plain modules."""
+"""skelemix.ops.bn_epilogue: the C++ op against the eager reference, its Philox dropout mask, its PT2 surface,
+errors, and the fused ST-GCN block against the plain modules."""
 import copy
 
 import pytest
@@ -25,24 +25,99 @@ def _grads(out, args, grad_out):
     return [next(got) if a is not None and a.requires_grad else None for a in args[:4]]
 
 
-# ---------------------------------------------------------------------------------------------------- the hash
+# ---------------------------------------------------------------------------------------------------- the mask
+
+U32 = 0xFFFFFFFF
+# Seeds with both 32-bit halves random, all ones (-2: high half 0xFFFFFFFF), a zero high half, the sign bit alone.
+SEEDS = [0x0123456789ABCDEF, -2, 2**32 - 1, -2**63, 7]
 
 
-def test_reference_hash_matches_python_integers():
-    """The int64 emulation of uint32 arithmetic in reference._fmix32 against Python's exact integers."""
-    def fmix32(h):
-        h ^= h >> 16
-        h = h * 0x85EBCA6B & 0xFFFFFFFF
-        h ^= h >> 13
-        h = h * 0xC2B2AE35 & 0xFFFFFFFF
-        return h ^ h >> 16
+def philox_python(counter, key, rounds=10):
+    """Philox4x32 on Python integers, written as Random123's philox.h runs it: the key is bumped before each round
+    but the first, and a round maps (c0, c1, c2, c3) to (hi(M1 c2) ^ c1 ^ k0, lo(M1 c2), hi(M0 c0) ^ c3 ^ k1,
+    lo(M0 c0))."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & U32, (k1 + 0xBB67AE85) & U32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & U32, (p0 >> 32) ^ c3 ^ k1, p0 & U32
+    return c0, c1, c2, c3
 
-    values = torch.randint(0, 2**32, (1000,), dtype=torch.int64).tolist() + [0, 1, 2**32 - 1, 2**31]
-    assert reference._fmix32(torch.tensor(values)).tolist() == [fmix32(v) for v in values]
-    seed = (7 << 32) | 12345
-    keep = reference.dropout_keep(torch.tensor([seed]), (64,), 0.5)
-    expected = [fmix32(fmix32(i ^ 12345) ^ 7) >= 2**31 for i in range(64)]
-    assert keep.tolist() == expected
+
+def keep_python(seed: int, index: int, p: float) -> bool:
+    """The specified mask: word 0 of Philox4x32-10, key = the seed's 32-bit halves, counter = (index's, 0, 0)."""
+    s = seed & (2**64 - 1)
+    return philox_python((index & U32, index >> 32, 0, 0), (s & U32, s >> 32))[0] >= reference.dropout_threshold(p)
+
+
+# Random123's tests/kat_vectors, its three "philox4x32 10" lines: counter, key, output.
+KNOWN_ANSWERS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((U32, U32, U32, U32), (U32, U32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS, ids=["zeros", "ones", "pi"])
+def test_philox_known_answers(counter, key, expected):
+    assert philox_python(counter, key) == expected
+    words = reference.philox4x32([torch.tensor([c]) for c in counter], [torch.tensor(k) for k in key])
+    assert tuple(int(w) for w in words) == expected
+
+
+def test_reference_philox_matches_python_integers():
+    """The int64 emulation of uint32 arithmetic (16-bit halves in the multiplies) against exact integers."""
+    g = torch.Generator().manual_seed(0)
+    counters = torch.randint(0, 2**32, (4, 1000), generator=g)
+    keys = torch.randint(0, 2**32, (2, 1000), generator=g)
+    counters[:, :4] = torch.tensor([0, U32, 0x80000000, 0xFFFF])  # columns at the extremes of the 16-bit split
+    keys[:, :4] = torch.tensor([U32, 0, U32, 1])
+    got = torch.stack(reference.philox4x32(list(counters), list(keys))).T.tolist()
+    want = [list(philox_python(c, k)) for c, k in zip(counters.T.tolist(), keys.T.tolist())]
+    assert got == want
+
+
+def test_dropout_keep_is_philox_of_seed_and_index():
+    """reference.dropout_keep against the specification at offsets crossing 2**32 (high counter word 0 -> 1)."""
+    for seed in SEEDS:
+        for offset in (0, 2**32 - 40, 3 * 2**32 + 5, 2**62):
+            for p in (0.1, 0.5):
+                keep = reference.dropout_keep(torch.tensor([seed]), (4, 20), p, offset=offset)
+                want = [keep_python(seed, i, p) for i in range(offset, offset + 80)]
+                assert keep.flatten().tolist() == want, f"seed {seed:#x} offset {offset:#x} p {p}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_mask_matches_reference_across_2_32(device):
+    """The kernels' mask (through the functions their passes use) equals the reference's bit for bit, also where
+    the element index crosses a multiple of 2**32, which no test tensor is large enough to reach."""
+    require_impl(IMPL_OF[device])
+    for seed in SEEDS:
+        for start, numel in ((0, 1000), (2**32 - 300, 777), (5 * 2**32 - 3, 11), (2**62, 300), (17, 0)):
+            for p in (0.0, 0.1, 0.5, 0.9):
+                got = torch.ops.skelemix._bn_epilogue_dropout_keep(torch.tensor([seed], device=device), start, numel, p)
+                want = reference.dropout_keep(torch.tensor([seed]), (numel,), p, offset=start)
+                assert torch.equal(got.cpu(), want), f"seed {seed:#x} start {start:#x} p {p}"
+
+
+def test_related_seeds_give_unrelated_masks():
+    """Masks of seeds that differ in a few low bits or by 2**32, lined up by the index map that would make them
+    copies, agree on about half the elements at p = 0.5, as independent masks do. The first mask, a hash of
+    (index ^ low seed word) and (high index word + high seed word), failed this: there seed ^ d gave the mask of
+    seed with element i moved to i ^ d, and seed + 2**32 the mask of seed shifted by 2**32 elements."""
+    n, p, seed = 4096, 0.5, 0x0123456789ABCDEF
+    index = torch.arange(n)
+    base = reference.dropout_keep(torch.tensor([seed]), (n,), p)
+    pairs = {f"seed ^ {d:#x}": (reference.dropout_keep(torch.tensor([seed ^ d]), (n,), p), base[index ^ d])
+             for d in (1, 2, 0x10, 0xFFF)}
+    pairs["seed + 2**32"] = (reference.dropout_keep(torch.tensor([seed + 2**32]), (n,), p),
+                             reference.dropout_keep(torch.tensor([seed]), (n,), p, offset=2**32))
+    for name, (mask, moved) in pairs.items():
+        agree = (mask == moved).double().mean().item()
+        assert 0.45 < agree < 0.55, f"{name}: the masks agree on {agree:.3f} of the elements (independent: 0.5)"
 
 
 def test_dropout_keep_rate_and_seeds():
@@ -202,6 +277,17 @@ def test_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match="skelemix::_bn_epilogue_backward: grad must have the shape of x"):
         torch.ops.skelemix._bn_epilogue_backward(torch.randn(2, 3, 4), x, x, w, b, w, seed, 1e-5, 0.0, True, True,
                                                  [True, True, True, True])
+    keep_op = torch.ops.skelemix._bn_epilogue_dropout_keep
+    with pytest.raises(RuntimeError, match=r"_bn_epilogue_dropout_keep: start and numel must be >= 0 .* got start -1"):
+        keep_op(seed, -1, 5, 0.5)
+    with pytest.raises(RuntimeError, match=r"_bn_epilogue_dropout_keep: start and numel .* numel -5"):
+        keep_op(seed, 0, -5, 0.5)
+    with pytest.raises(RuntimeError, match=r"_bn_epilogue_dropout_keep: start and numel .*start \+ numel < 2\*\*63"):
+        keep_op(seed, 2**62, 2**62, 0.5)
+    with pytest.raises(RuntimeError, match=r"_bn_epilogue_dropout_keep: p \(dropout probability\) must be in"):
+        keep_op(seed, 0, 5, 1.0)
+    with pytest.raises(RuntimeError, match="_bn_epilogue_dropout_keep: seed must be an int64 tensor of one element"):
+        keep_op(torch.zeros(2, dtype=torch.int64), 0, 5, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------- the block

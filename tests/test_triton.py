@@ -370,7 +370,7 @@ def leaves(args, dtype=None):
 
 def assert_dropout_mask(y, args, name):
     """Where no ReLU follows, an element is dropped exactly when y equals the residual (0 without one): the
-    kernel's counter hash must give the reference's mask bit for bit."""
+    kernel's Philox mask must be the reference's bit for bit."""
     x, res, seed, p, relu = args[0], args[3], args[6], args[8], args[9]
     if p == 0 or relu or y.numel() == 0:
         return
@@ -446,25 +446,26 @@ def test_bn_epilogue_backward_output_mask(ops, index):
                 assert out.shape == (0,), f"{mask}: unrequested output {i} has shape {tuple(out.shape)}"
 
 
-@interpreted
-def test_bn_epilogue_dropout_hash_beyond_2_32(ops):
-    """The kernels' hash equals reference.dropout_keep's formula at flat indices a (C, T, V)-sized test cannot
-    reach: the high 32 bits of the index enter through (i >> 32) + k1."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_epilogue_dropout_mask_beyond_2_32(ops, device):
+    """The kernels' mask (tl.randint, Triton's Philox4x32-10) equals reference.dropout_keep bit for bit at flat
+    indices a (C, T, V)-sized test cannot reach: the high 32 bits of the index are the second counter word."""
     import triton
 
     kb = ops._kernels("bn_epilogue")
-    U32 = 0xFFFFFFFF
     near = torch.arange(-64, 64) + (1 << 32)
     idx = torch.cat([torch.arange(64), near, near + (5 << 32), torch.randint(0, 1 << 62, (256,))])
-    for seed_value, p in ((0x0123456789ABCDEF, 0.3), (-2, 0.5), (U32, 0.9)):  # k1 = 0x01234567, 0xFFFFFFFF, 0
+    for seed_value, p in ((0x0123456789ABCDEF, 0.3), (-2, 0.5), (2**32 - 1, 0.9), (-2**63, 0.1)):
         seed = torch.tensor([seed_value])
         threshold = reference.dropout_threshold(p)
-        out = torch.empty(idx.shape, dtype=torch.int8)
-        kb.dropout_keep_kernel[(triton.cdiv(idx.numel(), 128),)](seed, idx, out, idx.numel(), threshold, BLOCK=128)
-        k0, k1 = seed_value & U32, (seed_value >> 32) & U32
-        h = reference._fmix32(reference._fmix32((idx & U32) ^ k0) ^ (((idx >> 32) + k1) & U32))
-        assert torch.equal(out.bool(), h >= threshold), f"seed {seed_value:#x}"
+        out = torch.empty(idx.shape, dtype=torch.int8, device=device)
+        kb.dropout_keep_kernel[(triton.cdiv(idx.numel(), 128),)](seed.to(device), idx.to(device), out, idx.numel(),
+                                                                 threshold, BLOCK=128)
+        out = out.cpu()
+        assert torch.equal(out.bool(), reference.dropout_bits(seed, idx) >= threshold), f"seed {seed_value:#x}"
         assert torch.equal(out[:64].bool(), reference.dropout_keep(seed, (64,), p)), f"seed {seed_value:#x}"
+        assert torch.equal(out[64:192].bool(), reference.dropout_keep(seed, (128,), p, offset=(1 << 32) - 64)), (
+            f"seed {seed_value:#x}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -588,7 +589,7 @@ def test_encoder_matches_eager(ops):
     from skelemix.models import STGCN
 
     torch.manual_seed(0)
-    # Both with fused epilogues (impl="eager": its reference), so both draw the same hash dropout masks.
+    # Both with fused epilogues (impl="eager": its reference), so both draw the same Philox dropout masks.
     eager = STGCN(hidden_channels=4, hidden_dim=16, impl="eager", fused_epilogue=True)
     triton_enc = STGCN(hidden_channels=4, hidden_dim=16, impl="triton", fused_epilogue=True)
     triton_enc.load_state_dict(eager.state_dict())

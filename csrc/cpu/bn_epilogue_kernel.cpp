@@ -1,9 +1,10 @@
 // CPU kernels of skelemix::bn_epilogue and skelemix::_bn_epilogue_backward.
 //
 // Every pass walks rows (n, c) of x viewed as (N, C, L). The per-element work is written as branch-free loops
-// over one row, specialised on the dropout and ReLU flags, so the compiler vectorises them (the dropout hash
-// included: 32-bit integer multiplies and shifts). Sums run in kLanes independent accumulators per row and are
-// added up in double across rows.
+// over one row, specialised on the dropout and ReLU flags, so the compiler vectorises them. The dropout bits
+// (Philox4x32-10, bn_epilogue.h) are computed first for pieces of up to kPiece elements into a buffer that stays
+// in L1, eight lanes at a time with AVX2 where the CPU has it. Sums run in kLanes independent accumulators per
+// row and are added up in double across rows.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,12 +16,18 @@
 #include <algorithm>
 #include <type_traits>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SKELEMIX_PHILOX_AVX2 1
+#include <immintrin.h>
+#endif
+
 #include "../bn_epilogue.h"
 
 namespace skelemix {
 namespace {
 
 constexpr int kLanes = 16;
+constexpr int64_t kPiece = 256;  // elements per dropout-bits buffer
 
 // Rows (n, c) per task: about 32k elements, so small inputs stay on one thread.
 int64_t grain_rows(int64_t L) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(L, 1)); }
@@ -40,25 +47,80 @@ Dropout make_dropout(const at::Tensor& seed, double p) {
   return {true, static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32), dropout_threshold(p), 1.0 / (1.0 - p)};
 }
 
-// Calls segment(offset, length, lo, hk) for the pieces of the flat range [base, base + L) that share the high
-// 32 bits of the index: there dropout_hash(i) = fmix32(fmix32((lo + j) ^ k0) ^ hk) with a 32-bit j.
+#ifdef SKELEMIX_PHILOX_AVX2
+// The high and low 32 bits of m * a in eight lanes (vpmuludq multiplies the even lanes, so twice).
+__attribute__((target("avx2"))) inline void mulhilo_avx2(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+// philox4x32_10_word0 for counters (lo + j, hi), j < n rounded down to a multiple of 8; returns that count.
+__attribute__((target("avx2"))) int64_t dropout_bits_avx2(uint32_t* bits, int64_t n, uint32_t lo, uint32_t hi,
+                                                          uint32_t k0, uint32_t k1) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo + static_cast<uint32_t>(j))), lanes);
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(hi)), c2 = _mm256_setzero_si256(), c3 = c2;
+    uint32_t key0 = k0, key1 = k1;
+    for (int round = 0; round < 10; ++round) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(c0, m0, hi0, lo0);
+      mulhilo_avx2(c2, m1, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(key0)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(key1)));
+      c1 = lo1;
+      c3 = lo0;
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bits + j), c0);
+  }
+  return j;
+}
+#endif
+
+// bits[j] = philox4x32_10_word0(lo + j, hi, k0, k1) for j < n: with AVX2 (2.3x the scalar rate on this
+// project's CPU) where the CPU has it, the scalar function of bn_epilogue.h for the rest.
+void dropout_bits(uint32_t* bits, int64_t n, uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1) {
+  int64_t j = 0;
+#ifdef SKELEMIX_PHILOX_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) j = dropout_bits_avx2(bits, n, lo, hi, k0, k1);
+#endif
+  for (; j < n; ++j) bits[j] = philox4x32_10_word0(lo + static_cast<uint32_t>(j), hi, k0, k1);
+}
+
+// Calls piece(offset, length, bits) for consecutive pieces of the flat range [base, base + L); bits[j] are the
+// dropout bits of element base + offset + j (null without dropout). With dropout a piece has at most kPiece
+// elements and never crosses a multiple of 2**32, so its counters are (lo + j, hi) with one hi.
 template <typename F>
-void for_each_segment(int64_t base, int64_t L, uint32_t k1, F&& segment) {
+void for_each_piece(int64_t base, int64_t L, const Dropout& drop, F&& piece) {
+  if (!drop.on) {
+    piece(int64_t{0}, L, static_cast<const uint32_t*>(nullptr));
+    return;
+  }
+  uint32_t bits[kPiece];
   int64_t offset = 0;
   while (offset < L) {
     const auto i = static_cast<uint64_t>(base + offset);
     const int64_t to_boundary = static_cast<int64_t>((uint64_t{1} << 32) - (i & 0xFFFFFFFFu));
-    const int64_t length = std::min(L - offset, to_boundary);
-    segment(offset, length, static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32) + k1);
+    const int64_t length = std::min({L - offset, to_boundary, kPiece});
+    dropout_bits(bits, length, static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), drop.k0, drop.k1);
+    piece(offset, length, static_cast<const uint32_t*>(bits));
     offset += length;
   }
 }
 
-// The dropout factor of element j of a segment: scale if kept, else 0. A multiply rather than a branch: the
+// The dropout factor of an element with these bits: scale if kept, else 0. A multiply rather than a branch: the
 // branch is mispredicted half the time and keeps the loop from vectorising (5x slower).
 template <typename acc_t>
-inline acc_t keep_factor(uint32_t lo, int64_t j, uint32_t k0, uint32_t hk, uint32_t threshold, acc_t scale) {
-  return fmix32(fmix32((lo + static_cast<uint32_t>(j)) ^ k0) ^ hk) >= threshold ? scale : acc_t(0);
+inline acc_t keep_factor(uint32_t bits, uint32_t threshold, acc_t scale) {
+  return bits >= threshold ? scale : acc_t(0);
 }
 
 // ------------------------------------------------------------------------------------------------ statistics
@@ -109,13 +171,13 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const acc_of<scal
     for (int64_t row = begin; row < end; ++row) {
       const int64_t c = row % C, base = row * L;
       const acc_t m = mean[c], ac = a[c], b = bias[c];
-      for_each_segment(base, L, drop.k1, [&](int64_t off, int64_t len, uint32_t lo, uint32_t hk) {
+      for_each_piece(base, L, drop, [&](int64_t off, int64_t len, const uint32_t* bits) {
         const scalar_t* xs = x + base + off;
         const scalar_t* rs = residual ? residual + base + off : nullptr;
         scalar_t* ys = y + base + off;
         auto value = [&](int64_t j) {
           acc_t v = (static_cast<acc_t>(xs[j]) - m) * ac + b;
-          if constexpr (kDrop) v *= keep_factor(lo, j, drop.k0, hk, drop.threshold, scale);
+          if constexpr (kDrop) v *= keep_factor(bits[j], drop.threshold, scale);
           return v;
         };
         if (rs) {
@@ -157,7 +219,7 @@ void backward_pass1(const BackwardArgs<scalar_t>& t, Dropout drop) {
       const int64_t c = row % t.C, base = row * t.L;
       const acc_t m = t.mean[c], is = t.invstd[c], ac = t.a[c];
       double row_gp = 0, row_gp_xhat = 0;
-      for_each_segment(base, t.L, drop.k1, [&](int64_t off, int64_t len, uint32_t lo, uint32_t hk) {
+      for_each_piece(base, t.L, drop, [&](int64_t off, int64_t len, const uint32_t* bits) {
         const scalar_t* g = t.grad + base + off;
         const scalar_t* xs = t.x + base + off;
         const scalar_t* ys = t.y + base + off;
@@ -166,7 +228,7 @@ void backward_pass1(const BackwardArgs<scalar_t>& t, Dropout drop) {
           return kRelu ? (static_cast<acc_t>(ys[j]) > 0 ? gj : acc_t(0)) : gj;
         };
         auto gp_of = [&](int64_t j, acc_t gu) {
-          if constexpr (kDrop) return gu * keep_factor(lo, j, drop.k0, hk, drop.threshold, scale);
+          if constexpr (kDrop) return gu * keep_factor(bits[j], drop.threshold, scale);
           return gu;
         };
         if (t.grad_residual) {
@@ -212,7 +274,7 @@ void backward_pass2(const BackwardArgs<scalar_t>& t, Dropout drop) {
       const acc_t m = t.mean[c], is = t.invstd[c], ac = t.a[c];
       const acc_t mean_gp = static_cast<acc_t>(t.sum_gp[c] / n);
       const acc_t mean_gp_xhat = static_cast<acc_t>(t.sum_gp_xhat[c] / n);
-      for_each_segment(base, t.L, drop.k1, [&](int64_t off, int64_t len, uint32_t lo, uint32_t hk) {
+      for_each_piece(base, t.L, drop, [&](int64_t off, int64_t len, const uint32_t* bits) {
         const scalar_t* g = t.grad + base + off;
         const scalar_t* xs = t.x + base + off;
         const scalar_t* ys = t.y + base + off;
@@ -220,7 +282,7 @@ void backward_pass2(const BackwardArgs<scalar_t>& t, Dropout drop) {
         for (int64_t j = 0; j < len; ++j) {
           acc_t gp = static_cast<acc_t>(g[j]);
           if constexpr (kRelu) gp = static_cast<acc_t>(ys[j]) > 0 ? gp : acc_t(0);
-          if constexpr (kDrop) gp *= keep_factor(lo, j, drop.k0, hk, drop.threshold, scale);
+          if constexpr (kDrop) gp *= keep_factor(bits[j], drop.threshold, scale);
           const acc_t xhat = (static_cast<acc_t>(xs[j]) - m) * is;
           gx[j] = static_cast<scalar_t>(ac * (gp - mean_gp - xhat * mean_gp_xhat));
         }
@@ -342,11 +404,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_epilogue_backward_
   return {grad_x, grad_weight, grad_bias, grad_residual};
 }
 
+// The mask of elements [start, start + numel) through for_each_piece and keep_factor, as the passes above.
+at::Tensor bn_epilogue_dropout_keep_kernel(const at::Tensor& seed, int64_t start, int64_t numel, double p) {
+  check_bn_epilogue_dropout_keep_args(seed, start, numel, p);
+  TORCH_INTERNAL_ASSERT(seed.device().is_cpu());
+  at::Tensor keep = at::empty({numel}, seed.options().dtype(at::kBool));
+  bool* out = keep.mutable_data_ptr<bool>();
+  const Dropout drop = make_dropout(seed, p);
+  for_each_piece(start, numel, drop, [&](int64_t off, int64_t len, const uint32_t* bits) {
+    for (int64_t j = 0; j < len; ++j) out[off + j] = !bits || keep_factor(bits[j], drop.threshold, 1.0f) != 0.0f;
+  });
+  return keep;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(skelemix, CPU, m) {
   m.impl("bn_epilogue", &bn_epilogue_forward_kernel);
   m.impl("_bn_epilogue_backward", &bn_epilogue_backward_kernel);
+  m.impl("_bn_epilogue_dropout_keep", &bn_epilogue_dropout_keep_kernel);
 }
 
 }  // namespace skelemix

@@ -1,6 +1,6 @@
 // CUDA kernels of skelemix::bn_epilogue and skelemix::_bn_epilogue_backward (semantics: skelemix.reference.bn_epilogue;
 // backward math: bn_epilogue.h). x is viewed as contiguous (N, C, L): row = n * C + c holds channel c of sample n,
-// and element i = row * L + l is x's flat row-major index, the counter of the dropout hash.
+// and element i = row * L + l is x's flat row-major index, the Philox counter of its dropout bits.
 //
 // Reductions are deterministic (no float atomics): one block per row writes the row's partial result to an
 // (N, C) buffer, then one thread per channel combines its N rows in order.
@@ -58,7 +58,7 @@ __device__ __forceinline__ DropoutKeys load_keys(const Epilogue<acc_t>& e) {
 template <typename acc_t>
 __device__ __forceinline__ acc_t dropout_factor(const Epilogue<acc_t>& e, const DropoutKeys& k, int64_t i) {
   if (!e.dropout) return acc_t(1);
-  return dropout_hash(static_cast<uint64_t>(i), k.k0, k.k1) >= e.threshold ? e.scale : acc_t(0);
+  return dropout_bits(static_cast<uint64_t>(i), k.k0, k.k1) >= e.threshold ? e.scale : acc_t(0);
 }
 
 // The gradient reaching the dropout output: grad, zeroed where the ReLU clamped (y <= 0).
@@ -342,11 +342,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_epilogue_backward_
           grad_residual};
 }
 
+// The mask of elements [start, start + numel) through load_keys and dropout_factor, as the kernels above.
+__global__ void dropout_keep_kernel_impl(bool* __restrict__ keep, int64_t start, int64_t numel, Epilogue<float> e) {
+  const DropoutKeys keys = load_keys(e);
+  SKELEMIX_CUDA_1D_KERNEL_LOOP(j, numel) keep[j] = dropout_factor(e, keys, start + j) != 0.0f;
+}
+
+at::Tensor bn_epilogue_dropout_keep_kernel(const at::Tensor& seed, int64_t start, int64_t numel, double p) {
+  check_bn_epilogue_dropout_keep_args(seed, start, numel, p);
+  TORCH_INTERNAL_ASSERT(seed.device().is_cuda());
+  const c10::cuda::CUDAGuard guard(seed.device());
+  at::Tensor keep = at::empty({numel}, seed.options().dtype(at::kBool));
+  if (numel > 0) {
+    dropout_keep_kernel_impl<<<cuda::capped_blocks(numel, kElementwiseThreads), kElementwiseThreads, 0,
+                               c10::cuda::getCurrentCUDAStream()>>>(keep.mutable_data_ptr<bool>(), start, numel,
+                                                                    make_epilogue<float>(seed, p, false));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return keep;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(skelemix, CUDA, m) {
   m.impl("bn_epilogue", &bn_epilogue_forward_kernel);
   m.impl("_bn_epilogue_backward", &bn_epilogue_backward_kernel);
+  m.impl("_bn_epilogue_dropout_keep", &bn_epilogue_dropout_keep_kernel);
 }
 
 }  // namespace skelemix

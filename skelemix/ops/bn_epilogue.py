@@ -2,9 +2,10 @@
 
 The C++ op ``torch.ops.skelemix.bn_epilogue`` (schema in csrc/bn_epilogue.cpp, kernels in csrc/cpu and
 csrc/cuda) gets its PT2 surface here: fake kernels for it and for ``_bn_epilogue_backward``, and autograd for
-the forward (double backward raises). Dropout uses a counter-based hash of ``(seed, element index)``
-(:func:`skelemix.reference.dropout_keep`), so the backward regenerates the mask instead of storing it, and the
-seed is a device tensor drawn on the device, which keeps the op CUDA-graph capturable.
+the forward (double backward raises). Dropout draws its mask from Philox4x32-10 keyed by the seed with the element
+index as counter (:func:`skelemix.reference.dropout_keep`, the stream of Triton's ``tl.randint``), so the backward
+regenerates the mask instead of storing it, and the seed is a device tensor drawn on the device, which keeps the
+op CUDA-graph capturable.
 """
 from __future__ import annotations
 

@@ -47,6 +47,16 @@ def _one(raw):
     return raw[0]
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m skelemix.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +68,7 @@ def main(argv=None) -> int:
                       "PKU-MMD: the folder holding the skeleton and label folders; NW-UCLA: the folder holding "
                       "all_sqe/; PYSKL: the annotation .pkl)")
     prep.add_argument("--out", required=True, help="output folder (one sub-folder per benchmark)")
-    prep.add_argument("--frames", type=int, default=64, help="frames per sample after the temporal resize")
+    prep.add_argument("--frames", type=_at_least_one, default=64, help="frames per sample after the temporal resize")
     prep.add_argument("--bodies", choices=("tracked", "official"), default="tracked",
                       help="NTU body selection: track bodies by bodyID and keep the two most active (default), or "
                       "the official first-two-bodies-per-frame rule")
@@ -74,7 +84,7 @@ def main(argv=None) -> int:
                       help="PYSKL: full = centre, resize, align shoulders; resize = temporal resize only")
     prep.add_argument("--skip-bad", action="store_true", help="leave malformed inputs out and list them instead "
                       "of stopping at the first")
-    prep.add_argument("--workers", type=int, default=None, help="parsing processes (default: all cores)")
+    prep.add_argument("--workers", type=_at_least_one, default=None, help="parsing processes (default: all cores)")
     prep.add_argument("--force", action="store_true", help="redo benchmarks that are already prepared")
     prep.add_argument("--no-progress", action="store_true")
 
@@ -87,7 +97,7 @@ def main(argv=None) -> int:
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=880)
     synth.add_argument("--val", type=int, default=440)
-    synth.add_argument("--frames", type=int, default=64)
+    synth.add_argument("--frames", type=_at_least_one, default=64)
     synth.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -102,7 +112,7 @@ def main(argv=None) -> int:
         print("\ninterrupted: the finished samples are kept; run the same command again to resume", file=sys.stderr)
         return 130
     except (DataFormatError, UnsafePickleError, FileNotFoundError, FileExistsError) as err:
-        hint = " (--skip-bad leaves such inputs out and lists them)" if isinstance(err, DataFormatError) else ""
+        hint = " (--skip-bad leaves such inputs out and lists them)" if getattr(err, "skippable", False) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         return 1
     write_synthetic(args.out, args.train, args.val, args.frames, args.seed)

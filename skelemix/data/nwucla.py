@@ -55,7 +55,7 @@ def read_sequence(path) -> np.ndarray:
     except json.JSONDecodeError as err:
         raise DataFormatError(path, f"not valid JSON ({err.msg})", err.lineno) from None
     except UnicodeDecodeError as err:
-        raise DataFormatError(path, f"not valid JSON: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise DataFormatError(path, f"not valid JSON: not UTF-8 text (byte offset {err.start}: {err.reason})") from None
     except RecursionError:
         raise DataFormatError(path, "not valid JSON for this format: nested too deeply (expected [T][20][3] lists)") \
             from None

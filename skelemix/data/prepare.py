@@ -310,7 +310,7 @@ def read_text(path) -> str:
     try:
         return read_file(path).decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataFormatError(path, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+        raise DataFormatError(path, f"not UTF-8 text (byte offset {err.start}: {err.reason})") from None
 
 
 def read_ignore_list(path) -> set[str]:

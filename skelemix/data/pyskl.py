@@ -5,8 +5,8 @@ A PYSKL file is ``{"split": {name: [frame_dir, ...]}, "annotations": [{"frame_di
 containers and numpy arrays only; the file's content is never executed). Split names ``<benchmark>_<split>``
 (``xsub_train``, ``xview_val``, ...) become ``out/<benchmark>/<split>``; unprefixed names (``train``) make
 one dataset in ``out``. Split names and ``frame_dir`` become file names and lines, so they are checked
-(:func:`~.errors.check_name`) before anything is written. 3D keypoints of 25 (NTU) or 20 (NW-UCLA) joints are supported. A pickle is held in
-memory whole by nature, so :func:`export_pyskl` builds it in memory too.
+(:func:`~.errors.check_name`) before anything is written. 3D keypoints of 25 (NTU) or 20 (NW-UCLA) joints
+are supported. A pickle is held in memory whole by nature, so :func:`export_pyskl` builds it in memory too.
 """
 from __future__ import annotations
 

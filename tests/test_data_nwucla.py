@@ -169,3 +169,17 @@ def test_skip_bad_lists_every_special_file(shared_data, tmp_path, capsys, a04_un
     assert listed == {name: f"{raw}/{name}.json: {message}" for name, (_, message) in SPECIAL.items()}
     assert all(f"  {name}: {message}" in out for name, message in listed.items())
     assert read_meta(tmp_path / "o")["splits"] == {"train": 1, "val": 1}
+
+
+def test_an_unreadable_test_list_is_a_data_error(shared_data, tmp_path, monkeypatch):
+    raw = _copy_subset(shared_data, tmp_path, ["a01_s01_e00_v01", "a12_s10_e01_v03"])
+    listed = shutil.copy(shared_data / "nw-ucla" / "val_label.pkl", raw.parent / "val_label.pkl")
+    real_open = open
+
+    def open_(path, *args, **kwargs):  # as root chmod 000 still reads: refuse the way open() would for a user
+        if str(path) == str(listed):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", open_)
+    with pytest.raises(DataFormatError, match=r"val_label\.pkl: cannot read the file: Permission denied$"):
+        prepare_nwucla(raw.parent, tmp_path / "o", workers=1, progress=False)

@@ -172,3 +172,6 @@ def test_cli_errors_are_one_line(pku, tmp_path, capsys):
                  "--no-progress"]) == 1
     assert capsys.readouterr().err.splitlines() == [
         f"error: {split}: not UTF-8 text (byte offset 17: invalid start byte)"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "pkummd", "--raw", str(raw), "--out", str(tmp_path / "o"), "--test-view", "X"])
+    assert exit_.value.code == 2 and "argument --test-view: invalid choice: 'X'" in capsys.readouterr().err

@@ -190,3 +190,20 @@ def test_options_fifo_and_layout_are_checked(tmp_path):
     os.mkfifo(tmp_path / "fifo.pkl")  # reading it would block forever
     with pytest.raises(DataFormatError, match=r"fifo\.pkl: expected a regular file \(a PYSKL annotation \.pkl\)"):
         read_pyskl(tmp_path / "fifo.pkl")
+
+
+def test_unreadable_pickle_and_cli_choices(tmp_path, monkeypatch, capsys):
+    pkl = _pickle(tmp_path / "a.pkl", {"train": ["s0", "s1"]})
+    real_open = open
+
+    def open_(path, *args, **kwargs):  # as root chmod 000 still reads: refuse the way open() would for a user
+        if str(path) == str(pkl):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", open_)
+    assert main(["prepare", "pyskl", "--raw", str(pkl), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {pkl}: cannot read the file: Permission denied"]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "pyskl", "--raw", str(pkl), "--out", str(tmp_path / "o"), "--layout", "kinect"])
+    assert exit_.value.code == 2 and "argument --layout: invalid choice: 'kinect'" in capsys.readouterr().err

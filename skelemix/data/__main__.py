@@ -78,8 +78,11 @@ def main(argv=None) -> int:
     prep.add_argument("--ignore-list", help="NTU: file of sample names to leave out (e.g. the official "
                       "NTU_RGBD*_samples_with_missing_skeletons.txt)")
     prep.add_argument("--split-file", help="PKU-MMD: the official cross-subject.txt (needed for xsub)")
-    prep.add_argument("--test-view", default="L", help="PKU-MMD cross-view: the test view (default L)")
-    prep.add_argument("--layout", default=None, help="PYSKL: ntu-rgb+d or nw-ucla (default: from the joint count)")
+    prep.add_argument("--test-view", choices=("L", "M", "R"), default="L",
+                      help="PKU-MMD cross-view: the test view (default L)")
+    prep.add_argument("--layout", choices=("ntu-rgb+d", "nw-ucla"), default=None,
+                      help="PYSKL: the layout of the keypoints, checked against their joint count (default: from the "
+                      "joint count)")
     prep.add_argument("--preprocessing", choices=("full", "resize"), default="full",
                       help="PYSKL: full = centre, resize, align shoulders; resize = temporal resize only")
     prep.add_argument("--skip-bad", action="store_true", help="leave malformed inputs out and list them instead "

@@ -119,7 +119,10 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
 
 def _check_val_list(path, val, skip_bad):
     """The view-3 files must be exactly CTR-GCN's test list, with the same labels (1-based there)."""
-    entries = safe_load(path)
+    try:
+        entries = safe_load(path)
+    except OSError as err:
+        raise DataFormatError(path, f"cannot read the file: {err.strerror or err}") from None
     try:
         expected = {e["file_name"]: int(e["label"]) - 1 for e in entries}
     except (TypeError, KeyError, ValueError):

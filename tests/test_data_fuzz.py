@@ -109,7 +109,7 @@ def test_mutated_ntu_files_parse_or_raise_data_errors(shared_data, tmp_path):
     path = tmp_path / NTU_FILES[0]
     outcomes = []
 
-    @settings(max_examples=120, **SETTINGS)
+    @settings(max_examples=300, **SETTINGS)
     @given(st.data())
     def check(data):
         source = data.draw(st.sampled_from(NTU_FILES))
@@ -127,7 +127,7 @@ def test_mutated_nwucla_files_parse_or_raise_data_errors(shared_data, tmp_path):
     path = tmp_path / UCLA_FILES[0]
     outcomes = []
 
-    @settings(max_examples=120, **SETTINGS)
+    @settings(max_examples=300, **SETTINGS)
     @given(st.data())
     def check(data):
         source = data.draw(st.sampled_from(UCLA_FILES))
@@ -158,7 +158,7 @@ def test_whole_preparations_of_mutated_ntu_files_skip_exactly_the_bad_ones(share
     originals = [(shared_data / "ntu" / n).read_bytes() for n in NTU_FILES]
     runs = iter(range(10**6))
 
-    @settings(max_examples=6, **SETTINGS)
+    @settings(max_examples=10, **SETTINGS)
     @given(st.data())
     def check(data):
         run = tmp_path / str(next(runs))
@@ -177,7 +177,7 @@ def test_whole_preparations_of_mutated_nwucla_files_skip_exactly_the_bad_ones(sh
     originals = {n: (shared_data / "nw-ucla" / "all_sqe" / n).read_bytes() for n in UCLA_FILES}
     runs = iter(range(10**6))
 
-    @settings(max_examples=6, **SETTINGS)
+    @settings(max_examples=10, **SETTINGS)
     @given(st.data())
     def check(data):
         run = tmp_path / str(next(runs))

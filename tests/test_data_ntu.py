@@ -392,7 +392,8 @@ def test_frame_and_worker_counts_are_checked(ntu_dir, tmp_path, capsys, frames, 
         with pytest.raises(SystemExit) as exit_:
             main(["prepare", "ntu60", "--raw", str(ntu_dir), "--out", str(tmp_path / "o"), option, frames])
         assert exit_.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1].endswith(f"argument {option}: {message}")
+        assert capsys.readouterr().err.splitlines() == [
+            f"python -m skelemix.data prepare: error: argument {option}: {message} (see --help)"]
     value = frames if frames == "x" else int(frames)
     with pytest.raises(ValueError, match=rf"frames must be a whole number >= 1; got {value!r}"):
         prepare_ntu(ntu_dir, tmp_path / "o", frames=value, progress=False)

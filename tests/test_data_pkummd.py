@@ -174,4 +174,5 @@ def test_cli_errors_are_one_line(pku, tmp_path, capsys):
         f"error: {split}: not UTF-8 text (byte offset 17: invalid start byte)"]
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", "pkummd", "--raw", str(raw), "--out", str(tmp_path / "o"), "--test-view", "X"])
-    assert exit_.value.code == 2 and "argument --test-view: invalid choice: 'X'" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "argument --test-view: invalid choice: 'X'" in err[0]

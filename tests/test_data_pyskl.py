@@ -206,4 +206,5 @@ def test_unreadable_pickle_and_cli_choices(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     with pytest.raises(SystemExit) as exit_:
         main(["prepare", "pyskl", "--raw", str(pkl), "--out", str(tmp_path / "o"), "--layout", "kinect"])
-    assert exit_.value.code == 2 and "argument --layout: invalid choice: 'kinect'" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "argument --layout: invalid choice: 'kinect'" in err[0]

@@ -47,6 +47,13 @@ def _one(raw):
     return raw[0]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line: the usage is one ``--help`` away."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _at_least_one(text: str) -> int:
     try:
         value = int(text)
@@ -58,8 +65,8 @@ def _at_least_one(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m skelemix.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m skelemix.data", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="convert a raw dataset into prepared training arrays")

@@ -23,6 +23,7 @@ from .preprocess import preprocess
 from .safe_pickle import load as safe_load
 
 _LAYOUTS = {25: ("ntu-rgb+d", 20), 20: ("nw-ucla", 2)}  # joints -> (layout, centre joint)
+_LAYOUT_NAMES = sorted(name for name, _ in _LAYOUTS.values())
 
 
 def read_pyskl(path) -> dict:
@@ -97,8 +98,8 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
     temporal resize, for data that is already preprocessed)."""
     if preprocessing not in ("full", "resize"):
         raise ValueError(f"preprocessing must be 'full' or 'resize'; got {preprocessing!r}")
-    if layout is not None and layout not in {name for name, _ in _LAYOUTS.values()}:
-        raise ValueError(f"layout must be one of {sorted(name for name, _ in _LAYOUTS.values())}; got {layout!r}")
+    if layout is not None and layout not in _LAYOUT_NAMES:
+        raise ValueError(f"layout must be one of {_LAYOUT_NAMES}; got {layout!r}")
     data = read_pyskl(pkl)
     anns = data["annotations"]
     if not anns:

@@ -59,11 +59,11 @@ def describe(err: BaseException) -> str:
 
 
 def handle(err: BaseException, debug: bool = False, exit_code: int = 2, interrupted: str = "interrupted",
-           hints: dict[type, str] | None = None) -> int:
+           hint: str = "") -> int:
     """Print ``err`` as one ``error: ...`` line and return ``exit_code`` (130 and ``interrupted`` for Ctrl-C).
 
     Re-raises ``err`` when it is not a user's mistake, or when debugging (``debug`` or ``SKELEMIX_DEBUG``).
-    ``hints`` appends a sentence to errors of the given types. Call it from an ``except BaseException`` block.
+    ``hint`` is appended to the line. Call it from an ``except BaseException`` block.
     """
     if debugging(debug) or not isinstance(err, (KeyboardInterrupt, *USER_ERRORS)):
         raise err
@@ -73,7 +73,6 @@ def handle(err: BaseException, debug: bool = False, exit_code: int = 2, interrup
     from . import distributed
 
     prefix = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
-    hint = next((text for kind, text in (hints or {}).items() if isinstance(err, kind)), "")
     print(f"{prefix}error: {describe(err)}{hint}", file=sys.stderr)
     # No collective teardown: the other ranks may not have failed; torchrun ends them.
     return exit_code

@@ -1,7 +1,9 @@
 """Markers turned into skips, a fixed seed and RNG isolation for every test."""
+import faulthandler
 import importlib.util
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +74,12 @@ def _isolated_rng():
     random.setstate(py_state)
     if cuda_states is not None:
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+@pytest.fixture
+def no_hang():
+    """For tests of inputs that could block (a FIFO opened for reading waits for a writer forever): a hang
+    ends the test run with every thread's traceback after 10 minutes instead of stalling CI."""
+    faulthandler.dump_traceback_later(600, exit=True, file=sys.__stderr__)  # pytest captures sys.stderr
+    yield
+    faulthandler.cancel_dump_traceback_later()

@@ -1,6 +1,10 @@
 """NTU RGB+D: parsing the genuine .skeleton files, every malformed variant (made here from a real file) with
 its own error, split rules, body selection and the resumable, atomic preparation."""
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +12,7 @@ import pytest
 from skelemix.data import PreparedDataset
 from skelemix.data import ntu
 from skelemix.data.__main__ import main
-from skelemix.data.errors import DataFormatError
+from skelemix.data.errors import DataFormatError, check_name
 from skelemix.data.ntu import parse_name, prepare_ntu, read_skeleton, read_xyz, select_bodies, split_of
 
 pytestmark = pytest.mark.needs_data
@@ -117,11 +121,11 @@ def _variant(lines, kind):
     if kind == "joint count":
         lines[3] = "24"
         return lines, r":4: wrong joint count: expected 25 joints, found 24"
-    if kind in ("nan", "inf"):
+    if kind in ("nan", "inf", "1e39"):  # 1e39 is a finite float64 but inf as the float32 that is stored
         parts = lines[32].split()  # frame 2, joint 1
         parts[2] = kind
         lines[32] = " ".join(parts)
-        return lines, r":33: non-finite coordinate \(" + kind + r"\)"
+        return lines, r":33: non-finite coordinate \(" + {"1e39": r"1e\+39"}.get(kind, kind) + r"\)"
     if kind == "missing joint line":
         del lines[10]
         return lines, r":30: expected the body count of frame 2 \(one integer\), found 10 values"
@@ -135,7 +139,7 @@ def _variant(lines, kind):
     raise AssertionError(kind)
 
 
-KINDS = ("truncated", "non-numeric", "non-numeric info", "joint count", "nan", "inf", "missing joint line",
+KINDS = ("truncated", "non-numeric", "non-numeric info", "joint count", "nan", "inf", "1e39", "missing joint line",
          "short joint line", "empty", "trailing garbage")
 
 
@@ -154,9 +158,17 @@ def test_each_malformed_variant_names_file_line_and_expectation(ntu_dir, tmp_pat
 def test_file_names_directories_and_split_rules(tmp_path):
     name = parse_name("S017C003P038R002A060.skeleton")
     assert (name.setup, name.camera, name.subject, name.replication, name.action, name.label) == (17, 3, 38, 2, 60, 59)
-    for bad in ("S01C001P001R001A001.skeleton", "foo.skeleton", "s001c001p001r001a001.skeleton"):
+    for bad in ("S01C001P001R001A001.skeleton", "foo.skeleton", "s001c001p001r001a001.skeleton",
+                "S001C001P001R001A001\n.skeleton", "S001C001P001R001A00\u0661.skeleton"):  # newline; Arabic digit
         with pytest.raises(DataFormatError, match="unknown file-name pattern: expected SsssCcccPpppRrrrAaaa"):
             parse_name(bad)
+    for bad, message in (("S001C001P001R001A000", "A000 is outside the dataset: expected A001-A120"),
+                         ("S001C001P001R001A121", "A121 is outside the dataset: expected A001-A120"),
+                         ("S001C004P001R001A001", "C004 is outside the dataset: expected C001-C003"),
+                         ("S000C001P001R001A001", "S000 is outside the dataset: expected S001 or above"),
+                         ("S001C001P000R001A001", "P000 is outside the dataset: expected P001 or above")):
+        with pytest.raises(DataFormatError, match=rf"{bad}\.skeleton: {message}$"):
+            parse_name(f"{bad}.skeleton")
     with pytest.raises(FileNotFoundError, match="NTU raw data.*directory .*nowhere not found"):
         prepare_ntu(tmp_path / "nowhere", tmp_path / "out", progress=False)
 
@@ -284,3 +296,124 @@ def test_cli_prepare_and_errors(ntu_dir, tmp_path, capsys):
     assert main(["prepare", "ntu60", "--raw", str(raw), "--out", str(tmp_path / "p"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "A001.skeleton:1: empty file" in err and "--skip-bad" in err
+
+
+# Inputs that --skip-bad could not skip (a traceback, a hang, or a label of -1 at training time): each is a
+# DataFormatError naming the file, stops the run with the --skip-bad hint, and --skip-bad lists it.
+def _unreadable(raw, monkeypatch):  # as root chmod 000 still reads, so open() is made to fail as it would
+    path = raw / "S001C001P001R002A001.skeleton"
+    shutil.copy(raw / ONE, path)
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: _denied(p) if str(p) == str(path) else real_open(p, *a, **k))
+    return path
+
+
+def _denied(path):
+    raise PermissionError(13, "Permission denied", str(path))
+
+
+BAD_INPUTS = {
+    "directory": (lambda raw, mp: (raw / "S001C001P001R002A001.skeleton").mkdir(),
+                  r"R002A001\.skeleton: expected a regular file, found a directory$"),
+    "unreadable": (_unreadable, r"R002A001\.skeleton: cannot open the file: Permission denied$"),
+    "action 0": (lambda raw, mp: shutil.copy(raw / ONE, raw / "S001C001P001R002A000.skeleton"),
+                 r"R002A000\.skeleton: A000 is outside the dataset: expected A001-A120$"),
+    "camera 4": (lambda raw, mp: shutil.copy(raw / ONE, raw / "S001C004P001R002A001.skeleton"),
+                 r"C004P001R002A001\.skeleton: C004 is outside the dataset: expected C001-C003$"),
+    "newline in the name": (lambda raw, mp: shutil.copy(raw / ONE, raw / "S001C001P001R002A001\n.skeleton"),
+                            r"R002A001\\n\.skeleton': unknown file-name pattern"),
+    "1e39": (lambda raw, mp: _write(raw / "S001C001P001R002A001.skeleton", _variant(_lines(raw / ONE), "1e39")[0]),
+             r"R002A001\.skeleton:33: non-finite coordinate \(1e\+39\)"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_inputs_stop_with_the_file_or_are_skipped(ntu_dir, tmp_path, monkeypatch, capsys, case):
+    raw = _raw_dir(ntu_dir, tmp_path)
+    make, message = BAD_INPUTS[case]
+    make(raw, monkeypatch)
+    with pytest.raises(DataFormatError, match=message) as err:
+        prepare_ntu(raw, tmp_path / "out", workers=1, progress=False)
+    assert err.value.skippable and "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    report = prepare_ntu(raw, tmp_path / "out", skip_bad=True, workers=1, progress=False)
+    assert report.sizes["xsub"] == {"train": 9, "val": 0} and len(report.skipped) == 1
+    listed = (tmp_path / "out" / "xsub" / "skipped.txt").read_text().splitlines()
+    assert len(listed) == 1 and re.search(message.rstrip("$"), listed[0])
+    assert re.search(message.rstrip("$"), report.summary())
+    capsys.readouterr()
+    assert main(["prepare", "ntu60", "--raw", str(raw), "--out", str(tmp_path / "cli"), "--workers", "1",
+                 "--no-progress"]) == 1
+    err_lines = capsys.readouterr().err.splitlines()
+    assert len(err_lines) == 1 and re.search(message.rstrip("$") + r".* \(--skip-bad leaves such inputs out",
+                                             err_lines[0])
+
+
+def test_a_fifo_named_skeleton_is_refused_without_blocking(ntu_dir, tmp_path):
+    raw = _raw_dir(ntu_dir, tmp_path)
+    os.mkfifo(raw / "S001C001P001R002A001.skeleton")  # open() for reading would wait for a writer forever
+    command = [sys.executable, "-m", "skelemix.data", "prepare", "ntu60", "--raw", str(raw), "--no-progress"]
+    run = subprocess.run([*command, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.splitlines() == [f"error: {raw}/S001C001P001R002A001.skeleton: expected a regular file, found "
+                                       "a FIFO (--skip-bad leaves such inputs out and lists them)"]
+    run = subprocess.run([*command, "--out", str(tmp_path / "b"), "--skip-bad", "--workers", "2"], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "skipped bad inputs (--skip-bad): 1" in run.stdout and "found a FIFO" in run.stdout
+    assert PreparedDataset(tmp_path / "b" / "xsub", "train").data.shape[0] == 9
+
+
+def test_values_that_overflow_in_preprocessing_are_refused(ntu_dir, tmp_path):
+    """Coordinates that are finite float32 numbers but whose differences overflow (centring on the spine)
+    are caught where samples are stored: nothing non-finite is written."""
+    raw = _raw_dir(ntu_dir, tmp_path)
+    lines = _lines(raw / ONE)
+    for line, value in ((4, "-3e38"), (24, "3e38")):  # frame 1: joint 1, and joint 21 (the centre)
+        parts = lines[line].split()
+        parts[0] = value
+        lines[line] = " ".join(parts)
+    _write(raw / ONE, lines)
+    assert np.isfinite(read_skeleton(raw / ONE).xyz).all()
+    with pytest.raises(DataFormatError, match=r"A001\.skeleton: non-finite values in the prepared sample: a "
+                                              r"coordinate \(or a difference of two\) is beyond the float32 range"):
+        prepare_ntu(raw, tmp_path / "out", workers=2, progress=False)
+    report = prepare_ntu(raw, tmp_path / "out", skip_bad=True, workers=2, progress=False)
+    assert [n for n, _ in report.skipped] == ["S001C001P001R001A001"]
+    for bm, split in (("xsub", "train"), ("xview", "val")):
+        assert np.isfinite(PreparedDataset(tmp_path / "out" / bm, split).data[:]).all()
+
+
+@pytest.mark.parametrize("frames,message", [("0", "expected a whole number >= 1, got 0"),
+                                            ("-4", "expected a whole number >= 1, got -4"),
+                                            ("x", "expected a whole number >= 1, got 'x'")])
+def test_frame_and_worker_counts_are_checked(ntu_dir, tmp_path, capsys, frames, message):
+    for option in ("--frames", "--workers"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["prepare", "ntu60", "--raw", str(ntu_dir), "--out", str(tmp_path / "o"), option, frames])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"python -m skelemix.data prepare: error: argument {option}: {message} (see --help)"]
+    value = frames if frames == "x" else int(frames)
+    with pytest.raises(ValueError, match=rf"frames must be a whole number >= 1; got {value!r}"):
+        prepare_ntu(ntu_dir, tmp_path / "o", frames=value, progress=False)
+    with pytest.raises(ValueError, match=rf"workers must be a whole number >= 1 \(or None: all cores\); got {value!r}"):
+        prepare_ntu(ntu_dir, tmp_path / "o", workers=value, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_check_name_refuses_names_that_escape_or_split_lines():
+    for name in ("S001", "xsub", "a b", "a.b", "train-1", "ä"):
+        assert check_name(name, "f.pkl", "name") == name
+    for name, problem in (("", "is empty"), ("/abs", "contains a path separator"),
+                          ("a\\b", "contains a path separator"),
+                          ("x..y", "contains '..'"), ("..", "contains '..'"), (".", "starts with '.'"),
+                          ("a\nb", "contains a control or other non-printable character"),
+                          ("a\tb", "contains a control"), ("a\x00", "contains a control"),
+                          ("a\u2028b", "contains a control"), (" a", "starts or ends with a space"),
+                          ("x" * 201, "is longer than 200 bytes")):
+        with pytest.raises(DataFormatError, match=rf"^f\.pkl: refusing name .*: it {re.escape(problem)}") as err:
+            check_name(name, "f.pkl", "name")
+        assert "\n" not in str(err.value)
+    with pytest.raises(DataFormatError, match=r"name must be a string; found int 5"):
+        check_name(5, "f.pkl", "name")

@@ -1,12 +1,15 @@
 """NW-UCLA: preparation of the complete real all_sqe set, the test list check, malformed files."""
 import json
+import os
+import re
 import shutil
 import time
 
 import numpy as np
 import pytest
 
-from skelemix.data import PreparedDataset
+from skelemix.data import PreparedDataset, read_meta
+from skelemix.data.__main__ import main
 from skelemix.data.errors import DataFormatError
 from skelemix.data.nwucla import parse_name, prepare_nwucla, read_sequence
 
@@ -81,3 +84,102 @@ def test_malformed_files_and_the_test_list_check(shared_data, tmp_path):
         prepare_nwucla(raw.parent, tmp_path / "checked", workers=1, progress=False)
     with pytest.raises(FileNotFoundError, match="NW-UCLA raw data.*not found"):
         prepare_nwucla(tmp_path / "nowhere", tmp_path / "x", progress=False)
+
+
+def _tamper(text: str, kind: str) -> bytes:
+    """A real file's JSON text with one of the inputs that used to escape as a traceback or inf."""
+    first = text.index("[[[") + 3
+    number = re.match(r"-?[0-9.e-]+", text[first:]).group()
+    swap = {"5000-digit integer": "9" * 5000, "400-digit integer": "9" * 400, "1e39": "1e39"}
+    if kind in swap:
+        return (text[:first] + swap[kind] + text[first + len(number):]).encode()
+    if kind == "100k-deep":
+        return (text[:first] + "[" * 100_000 + "]" * 100_000 + text[first + len(number):]).encode()
+    if kind == "not UTF-8":
+        return text.encode().replace(b"skeletons", b"skel\xffetons")
+    raise AssertionError(kind)
+
+
+TAMPERED = {"5000-digit integer": r"frame 0 joint 0: non-finite coordinate \[inf, ",
+            "400-digit integer": r"frame 0 joint 0: non-finite coordinate \[inf, ",
+            "1e39": r"frame 0 joint 0: non-finite coordinate \[1e\+39, .*: x, y, z must be finite float32 numbers",
+            "100k-deep": r"not valid JSON for this format: nested too deeply \(expected \[T\]\[20\]\[3\] lists\)",
+            "not UTF-8": r"not valid JSON: not UTF-8 text \(byte offset \d+: invalid start byte\)"}
+
+
+@pytest.mark.parametrize("kind", TAMPERED)
+def test_huge_deep_or_undecodable_json_is_a_data_error(shared_data, tmp_path, kind):
+    raw = _copy_subset(shared_data, tmp_path, ["a01_s01_e00_v01", "a12_s10_e01_v03"])
+    path = raw / "a08_s02_e01_v02.json"
+    path.write_bytes(_tamper((shared_data / "nw-ucla" / "all_sqe" / path.name).read_text(), kind))
+    with pytest.raises(DataFormatError, match=rf"a08_s02_e01_v02\.json: {TAMPERED[kind]}"):
+        read_sequence(path)
+    with pytest.raises(DataFormatError, match=TAMPERED[kind]) as err:
+        prepare_nwucla(raw.parent, tmp_path / "out", workers=1, progress=False)
+    assert err.value.skippable
+    report = prepare_nwucla(raw.parent, tmp_path / "out", skip_bad=True, workers=2, progress=False)
+    assert report.sizes == {None: {"train": 1, "val": 1}} and [n for n, _ in report.skipped] == ["a08_s02_e01_v02"]
+    assert (tmp_path / "out" / "skipped.txt").read_text().startswith("a08_s02_e01_v02\t")
+    assert np.isfinite(PreparedDataset(tmp_path / "out", "train").data[:]).all()
+
+
+# Inputs that --skip-bad could not skip, each made by a function of the file's path.
+SPECIAL = {"a01_s01_e00_v04": (lambda p: shutil.copy(p.with_name("a01_s01_e00_v01.json"), p),
+                               "unknown view v04: NW-UCLA has views 1-3"),
+           "a02_s01_e00_v01": (lambda p: p.mkdir(), "expected a regular file, found a directory"),
+           "a03_s01_e00_v01": (os.mkfifo, "expected a regular file, found a FIFO"),  # open() would block forever
+           "a04_s01_e00_v01": (lambda p: shutil.copy(p.with_name("a01_s01_e00_v01.json"), p),  # made unreadable
+                               "cannot open the file: Permission denied")}
+
+
+@pytest.fixture
+def a04_unreadable(monkeypatch):
+    """Root reads chmod-000 files, so open() refuses a04_s01_e00_v01.json the way it would for a user."""
+    real_open = os.open
+
+    def open_(path, *args, **kwargs):
+        if str(path).endswith("a04_s01_e00_v01.json"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("name", SPECIAL)
+def test_unknown_views_unreadable_and_special_files_stop_with_the_skip_bad_hint(shared_data, tmp_path, capsys,
+                                                                                 a04_unreadable, no_hang, name):
+    raw = _copy_subset(shared_data, tmp_path, ["a01_s01_e00_v01", "a12_s10_e01_v03"])
+    make, message = SPECIAL[name]
+    make(raw / f"{name}.json")
+    assert main(["prepare", "nwucla", "--raw", str(raw.parent), "--out", str(tmp_path / "o"), "--workers", "1",
+                 "--no-progress"]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {raw}/{name}.json: {message} (--skip-bad leaves such "
+                                                    "inputs out and lists them)"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_skip_bad_lists_every_special_file(shared_data, tmp_path, capsys, a04_unreadable, no_hang):
+    raw = _copy_subset(shared_data, tmp_path, ["a01_s01_e00_v01", "a12_s10_e01_v03"])
+    for name, (make, _) in SPECIAL.items():
+        make(raw / f"{name}.json")
+    assert main(["prepare", "nwucla", "--raw", str(raw.parent), "--out", str(tmp_path / "o"), "--workers", "2",
+                 "--no-progress", "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped bad inputs (--skip-bad): {len(SPECIAL)}" in out
+    listed = dict(line.split("\t") for line in (tmp_path / "o" / "skipped.txt").read_text().splitlines())
+    assert listed == {name: f"{raw}/{name}.json: {message}" for name, (_, message) in SPECIAL.items()}
+    assert all(f"  {name}: {message}" in out for name, message in listed.items())
+    assert read_meta(tmp_path / "o")["splits"] == {"train": 1, "val": 1}
+
+
+def test_an_unreadable_test_list_is_a_data_error(shared_data, tmp_path, monkeypatch):
+    raw = _copy_subset(shared_data, tmp_path, ["a01_s01_e00_v01", "a12_s10_e01_v03"])
+    listed = shutil.copy(shared_data / "nw-ucla" / "val_label.pkl", raw.parent / "val_label.pkl")
+    real_open = os.open
+
+    def open_(path, *args, **kwargs):  # as root chmod 000 still reads: refuse the way open() would for a user
+        if str(path) == str(listed):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("os.open", open_)
+    with pytest.raises(DataFormatError, match=r"val_label\.pkl: cannot open the file: Permission denied$"):
+        prepare_nwucla(raw.parent, tmp_path / "o", workers=1, progress=False)

@@ -1,8 +1,13 @@
 """PKU-MMD: clips cut from generated recordings (built from real NTU skeletons), splits, malformed files."""
+import os
+import re
+import shutil
+
 import numpy as np
 import pytest
 
 from skelemix.data import PreparedDataset
+from skelemix.data.__main__ import main
 from skelemix.data.errors import DataFormatError
 from skelemix.data.pkummd import prepare_pkummd, read_labels, read_split_file, read_video
 from skelemix.data.preprocess import preprocess
@@ -91,3 +96,83 @@ def test_malformed_inputs(pku, tmp_path):
     assert "unknown file-name pattern" in report.skipped[0][1]
     with pytest.raises(FileNotFoundError, match="no folder with 'skeleton'"):
         prepare_pkummd(raw / "Label", tmp_path / "p", progress=False)
+
+
+def test_special_files_huge_values_and_unsafe_names_are_skippable(pku, tmp_path, monkeypatch, capsys, no_hang):
+    """Inputs that used to escape as a traceback, a hang or inf: each stops the run with its file, and
+    --skip-bad lists it and prepares the rest."""
+    raw, videos, split = pku
+    skel = raw / "Data" / "PKU_Skeleton_Renew"
+    label = raw / "Label" / "Train_Label_PKU_final"
+    lines = (skel / "0002-M.txt").read_text().splitlines()
+
+    def copy_labels(video):
+        (label / f"{video}.txt").write_text((label / "0002-M.txt").read_text())
+
+    def huge(video):  # 1e39 is a finite float64 but inf as the float32 that is stored
+        (skel / f"{video}.txt").write_text("\n".join(lines[:5] + [lines[5].replace(lines[5].split()[2], "1e39", 1)]
+                                                     + lines[6:]) + "\n")
+        copy_labels(video)
+
+    def unreadable(video):  # root reads chmod-000 files: open() refuses it the way it would for a user
+        (skel / f"{video}.txt").write_text("\n".join(lines) + "\n")
+        copy_labels(video)
+        real_open = os.open
+        monkeypatch.setattr(os, "open", lambda p, *a, **k: _refuse(p) if str(p).endswith(f"{video}.txt")
+                            and "Skeleton" in str(p) else real_open(p, *a, **k))
+
+    def tab(video):
+        (skel / f"{video}.txt").write_text("\n".join(lines) + "\n")
+        copy_labels(video)
+
+    # video -> (make it, message, whether the error is per clip (the file is parsed) or per video (listing))
+    cases = {
+        "0005-L": (lambda v: (skel / f"{v}.txt").mkdir() or copy_labels(v), "expected a regular file, found a "
+                   "directory", True),
+        "0006-L": (lambda v: os.mkfifo(skel / f"{v}.txt") or copy_labels(v), "expected a regular file, found a FIFO",
+                   True),
+        "0007-L": (huge, r":6: non-finite value: coordinates must be finite float32 numbers", True),
+        "0008-L": (unreadable, "cannot open the file: Permission denied", True),
+        "0009-L": (lambda v: (tab(v), (label / f"{v}.txt").unlink(), (label / f"{v}.txt").mkdir()),  # the label file
+                   r"Train_Label_PKU_final/0009-L\.txt: expected a regular file, found a directory", False),
+        "00\t10-L": (tab, r"refusing video name '00\\t10-L': it contains a control or other non-printable character",
+                     False),
+    }
+    for video, (make, message, per_clip) in cases.items():
+        make(video)
+        with pytest.raises(DataFormatError, match=message) as err:
+            prepare_pkummd(raw, tmp_path / "o", frames=16, workers=1, progress=False)
+        assert err.value.skippable and "\n" not in str(err.value) and not (tmp_path / "o").exists()
+        report = prepare_pkummd(raw, tmp_path / "o", frames=16, skip_bad=True, workers=2, progress=False)
+        names = [f"{video}_{k:03d}" for k in range(3)] if per_clip else [video]
+        assert [n for n, _ in report.skipped] == names and all(re.search(message, e) for _, e in report.skipped)
+        assert report.sizes == {"xview": {"train": 6, "val": 3}}
+        listed = (tmp_path / "o" / "xview" / "skipped.txt").read_text().splitlines()
+        assert len(listed) == len(names) and all(re.search(message, line) for line in listed)
+        shutil.rmtree(tmp_path / "o")
+        for path in (skel / f"{video}.txt", label / f"{video}.txt"):  # the next case alone
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        monkeypatch.undo()
+
+
+def _refuse(path):
+    raise PermissionError(13, "Permission denied", str(path))
+
+
+def test_cli_errors_are_one_line(pku, tmp_path, capsys):
+    raw, videos, split = pku
+    (raw / "Label" / "Train_Label_PKU_final" / "0003-R.txt").write_text("3,1,40,1\n3,1,400,1\n")  # past the end
+    assert main(["prepare", "pkummd", "--raw", str(raw), "--out", str(tmp_path / "o"), "--no-progress",
+                 "--workers", "1"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {raw}/Data/PKU_Skeleton_Renew/0003-R.txt: a label asks for frames 1-400, the file has 120 frames "
+        "(--skip-bad leaves such inputs out and lists them)"]
+    split.write_bytes(b"Training videos: \xff\n")
+    assert main(["prepare", "pkummd", "--raw", str(raw), "--out", str(tmp_path / "o"), "--split-file", str(split),
+                 "--no-progress"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {split}: not UTF-8 text (byte offset 17: invalid start byte)"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "pkummd", "--raw", str(raw), "--out", str(tmp_path / "o"), "--test-view", "X"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "argument --test-view: invalid choice: 'X'" in err[0]

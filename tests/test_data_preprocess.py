@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from skelemix.augment import resize
-from skelemix.data.preprocess import align_shoulders, preprocess, resize_time, valid_window
+from skelemix.data.preprocess import align_shoulders, has_body, preprocess, resize_time, valid_window
 
 S = np.sqrt(0.5)
 
@@ -109,3 +109,16 @@ def test_real_sample_fixed_aligns_exactly_official_approximately(shared_data):
         assert np.abs(out[:, :, 20]).max() == 0
         assert np.abs(v[2]).max() < bound
         assert (v[0] > 0).all()
+
+
+def test_has_body_is_what_preprocess_can_keep():
+    """Converters list a sample as missing skeletons when has_body is False, instead of failing in preprocess."""
+    x = np.zeros((3, 5, 25, 2), np.float32)
+    assert not has_body(x) and not has_body(x, official=True)
+    x[:, 2, 3, 1] = 1.0  # only body 1 (joint 3) is present
+    assert has_body(x) and not has_body(x, official=True)  # the official length counts body 0's first joint
+    assert preprocess(x, 8).shape == (3, 8, 25, 2)
+    with pytest.raises(ValueError, match="no frame with a body present"):
+        preprocess(x, 8, official=True)
+    x[:, 4, 0, 0] = 1.0
+    assert has_body(x, official=True) and np.isfinite(preprocess(x, 8, official=True)).all()

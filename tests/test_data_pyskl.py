@@ -1,6 +1,7 @@
 """PYSKL annotation pickles: round trip, the restricted unpickler, malformed annotations."""
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -108,3 +109,102 @@ def test_pyskl_of_real_ntu_skeletons_matches_the_ntu_converter(shared_data, tmp_
     np.testing.assert_array_equal(a.data, b.data)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert a.meta["classes"] == b.meta["classes"]
+
+
+def _pickle(path, split, frame_dirs=("s0", "s1"), **ann_fields):
+    anns = [{"frame_dir": f, "label": 0, "keypoint": np.ones((1, 5, 25, 3), np.float32), **ann_fields}
+            for f in frame_dirs]
+    path.write_bytes(pickle.dumps({"split": split, "annotations": anns}))
+    return path
+
+
+@pytest.mark.parametrize("split,problem", [
+    ("{victim}_train", "contains a path separator"),  # an absolute benchmark folder
+    ("xsub_../../../victim", "contains a path separator"),  # a split file outside the benchmark folder
+    ("../victim", "contains a path separator"),
+    ("..", "contains '..'"),
+    ("xsub_", "is empty"),
+    ("x\nsub_train", "contains a control or other non-printable character"),
+])
+def test_split_names_cannot_write_or_delete_outside_out(tmp_path, capsys, split, problem):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "meta.json").write_text("{}")  # looks like a prepared dataset: --force would have replaced it
+    (victim / "precious.txt").write_text("keep")
+    split = split.format(victim=victim)
+    other = "xview_val" if "_" in split else "val"  # names with a benchmark prefix, or none at all
+    pkl = _pickle(tmp_path / "evil.pkl", {split: ["s0"], other: ["s1"]})
+    before = sorted(p for p in tmp_path.rglob("*"))
+    message = rf"evil\.pkl: refusing (split|benchmark) name .*: it {re.escape(problem)}"
+    with pytest.raises(DataFormatError, match=message) as err:
+        prepare_pyskl(pkl, tmp_path / "out", force=True, progress=False)
+    assert not err.value.skippable
+    assert main(["prepare", "pyskl", "--raw", str(pkl), "--out", str(tmp_path / "out"), "--force",
+                 "--no-progress"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and re.match(rf"error: {re.escape(str(pkl))}: refusing", lines[0])
+    assert "--skip-bad" not in lines[0]  # it would not help: the whole file is refused
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written, nothing removed
+    assert (victim / "precious.txt").read_text() == "keep"
+
+
+def test_frame_dirs_that_would_break_the_names_file_are_refused(tmp_path):
+    for frame_dir, problem in (("s0\ns9", "contains a control"), ("s0\r", "contains a control"),
+                               ("../s0", "contains a path separator"), ("", "is empty")):
+        pkl = _pickle(tmp_path / "bad.pkl", {"train": [frame_dir, "s1"]}, frame_dirs=(frame_dir, "s1"))
+        with pytest.raises(DataFormatError, match=rf"bad\.pkl: refusing sample name .*: it {problem}") as err:
+            prepare_pyskl(pkl, tmp_path / "out", progress=False)
+        assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"split": {"train": "s0"}, "annotations": []}, r"split 'train': expected a split name mapped to a list"),
+    ({"split": {"train": [["s0"]]}, "annotations": []}, r"split 'train': expected a split name mapped to a list"),
+    ({"split": {5: ["s0"]}, "annotations": []}, r"split 5: expected a split name mapped to a list"),
+    ({"split": {}, "annotations": [{"frame_dir": ["s0"], "label": 0, "keypoint": np.ones((1, 5, 25, 3))}]},
+     r"annotation 0: 'frame_dir' must be a string; found \['s0'\]"),
+    ({"split": {}, "annotations": [{"frame_dir": "s0", "label": 0, "total_frames": "5",
+                                    "keypoint": np.ones((1, 5, 25, 3))}]},
+     r"annotation 0 \('s0'\): total_frames is '5' but the keypoints have 5"),
+    ({"split": {}, "annotations": [{"frame_dir": "s0", "label": 0, "keypoint": np.full((1, 5, 25, 3), 1e39)}]},
+     r"annotation 0 \('s0'\): non-finite keypoint values \(or beyond the float32 range, 3\.4e38\)"),
+])
+def test_malformed_structure_is_a_data_error(tmp_path, data, message):
+    (tmp_path / "bad.pkl").write_bytes(pickle.dumps(data))
+    with pytest.raises(DataFormatError, match=rf"bad\.pkl: {message}"):
+        read_pyskl(tmp_path / "bad.pkl")
+
+
+def test_options_fifo_and_layout_are_checked(tmp_path):
+    pkl = _pickle(tmp_path / "a.pkl", {"train": ["s0", "s1"]})
+    with pytest.raises(ValueError, match="preprocessing must be 'full' or 'resize'; got 'none'"):
+        prepare_pyskl(pkl, tmp_path / "o", preprocessing="none", progress=False)
+    with pytest.raises(ValueError, match=r"layout must be one of \['ntu-rgb\+d', 'nw-ucla'\]; got 'kinect'"):
+        prepare_pyskl(pkl, tmp_path / "o", layout="kinect", progress=False)
+    with pytest.raises(DataFormatError, match=r"a\.pkl: the keypoints have 25 joints, the ntu-rgb\+d layout; "
+                                              "--layout nw-ucla needs another joint count"):
+        prepare_pyskl(pkl, tmp_path / "o", layout="nw-ucla", progress=False)
+    with pytest.raises(ValueError, match="frames must be a whole number >= 1; got 0"):
+        prepare_pyskl(pkl, tmp_path / "o", frames=0, progress=False)
+    assert not (tmp_path / "o").exists()
+    os.mkfifo(tmp_path / "fifo.pkl")  # reading it would block forever
+    with pytest.raises(DataFormatError, match=r"fifo\.pkl: expected a regular file \(a PYSKL annotation \.pkl\)"):
+        read_pyskl(tmp_path / "fifo.pkl")
+
+
+def test_unreadable_pickle_and_cli_choices(tmp_path, monkeypatch, capsys):
+    pkl = _pickle(tmp_path / "a.pkl", {"train": ["s0", "s1"]})
+    real_open = os.open
+
+    def open_(path, *args, **kwargs):  # as root chmod 000 still reads: refuse the way open() would for a user
+        if str(path) == str(pkl):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr("os.open", open_)
+    assert main(["prepare", "pyskl", "--raw", str(pkl), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert capsys.readouterr().err.splitlines() == [f"error: {pkl}: cannot open the file: Permission denied"]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exit_:
+        main(["prepare", "pyskl", "--raw", str(pkl), "--out", str(tmp_path / "o"), "--layout", "kinect"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "argument --layout: invalid choice: 'kinect'" in err[0]

@@ -14,7 +14,6 @@ import argparse
 import sys
 
 from .errors import DataFormatError
-from .safe_pickle import UnsafePickleError
 from .synthetic import write_synthetic
 
 
@@ -47,9 +46,26 @@ def _one(raw):
     return raw[0]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line: the usage is one ``--help`` away."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m skelemix.data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m skelemix.data", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="convert a raw dataset into prepared training arrays")
@@ -58,7 +74,7 @@ def main(argv=None) -> int:
                       "PKU-MMD: the folder holding the skeleton and label folders; NW-UCLA: the folder holding "
                       "all_sqe/; PYSKL: the annotation .pkl)")
     prep.add_argument("--out", required=True, help="output folder (one sub-folder per benchmark)")
-    prep.add_argument("--frames", type=int, default=64, help="frames per sample after the temporal resize")
+    prep.add_argument("--frames", type=_at_least_one, default=64, help="frames per sample after the temporal resize")
     prep.add_argument("--bodies", choices=("tracked", "official"), default="tracked",
                       help="NTU body selection: track bodies by bodyID and keep the two most active (default), or "
                       "the official first-two-bodies-per-frame rule")
@@ -68,13 +84,16 @@ def main(argv=None) -> int:
     prep.add_argument("--ignore-list", help="NTU: file of sample names to leave out (e.g. the official "
                       "NTU_RGBD*_samples_with_missing_skeletons.txt)")
     prep.add_argument("--split-file", help="PKU-MMD: the official cross-subject.txt (needed for xsub)")
-    prep.add_argument("--test-view", default="L", help="PKU-MMD cross-view: the test view (default L)")
-    prep.add_argument("--layout", default=None, help="PYSKL: ntu-rgb+d or nw-ucla (default: from the joint count)")
+    prep.add_argument("--test-view", choices=("L", "M", "R"), default="L",
+                      help="PKU-MMD cross-view: the test view (default L)")
+    prep.add_argument("--layout", choices=("ntu-rgb+d", "nw-ucla"), default=None,
+                      help="PYSKL: the layout of the keypoints, checked against their joint count (default: from the "
+                      "joint count)")
     prep.add_argument("--preprocessing", choices=("full", "resize"), default="full",
                       help="PYSKL: full = centre, resize, align shoulders; resize = temporal resize only")
     prep.add_argument("--skip-bad", action="store_true", help="leave malformed inputs out and list them instead "
                       "of stopping at the first")
-    prep.add_argument("--workers", type=int, default=None, help="parsing processes (default: all cores)")
+    prep.add_argument("--workers", type=_at_least_one, default=None, help="parsing processes (default: all cores)")
     prep.add_argument("--force", action="store_true", help="redo benchmarks that are already prepared")
     prep.add_argument("--no-progress", action="store_true")
 
@@ -87,7 +106,7 @@ def main(argv=None) -> int:
     synth.add_argument("--out", required=True)
     synth.add_argument("--train", type=int, default=880)
     synth.add_argument("--val", type=int, default=440)
-    synth.add_argument("--frames", type=int, default=64)
+    synth.add_argument("--frames", type=_at_least_one, default=64)
     synth.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     try:
@@ -101,8 +120,8 @@ def main(argv=None) -> int:
     except BaseException as err:  # noqa: BLE001 - handle() re-raises everything but user errors and Ctrl-C
         from .. import cli
 
-        skip_bad = " (--skip-bad leaves such inputs out and lists them)"
-        return cli.handle(err, exit_code=1, hints={DataFormatError: skip_bad},
+        skippable = getattr(err, "skippable", False)  # set on per-file errors that --skip-bad would skip
+        return cli.handle(err, exit_code=1, hint=" (--skip-bad leaves such inputs out and lists them)" * skippable,
                           interrupted="interrupted: the finished samples are kept; run the same command again to "
                                       "resume")
     write_synthetic(args.out, args.train, args.val, args.frames, args.seed)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataFormatError
-from .prepare import Candidate, Job, build, read_ignore_list, require_dir
-from .preprocess import preprocess
+from .errors import DataFormatError, quote
+from .prepare import Candidate, Job, build, read_file, read_ignore_list, require_dir, skip_or_raise
+from .preprocess import has_body, preprocess
 
 NUM_JOINTS = 25
-NAME = re.compile(r"^S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})$")
+NAME = re.compile(r"S([0-9]{3})C([0-9]{3})P([0-9]{3})R([0-9]{3})A([0-9]{3})")  # whole name (fullmatch)
 
 # Benchmarks: the official NTU-60 splits (REFERENCE.md 1.2) and the NTU-120 protocols (arXiv 1905.04757).
 XSUB60_TRAIN = frozenset({1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38})
@@ -72,14 +72,21 @@ class NtuName:
 
 
 def parse_name(path: str | os.PathLike) -> NtuName:
-    """Ids from ``SsssCcccPpppRrrrAaaa.skeleton``; anything else raises :class:`DataFormatError`."""
+    """Ids from ``SsssCcccPpppRrrrAaaa.skeleton``; anything else, and ids outside the dataset (action
+    A001-A120, camera C001-C003, the others from 001), raises :class:`DataFormatError`."""
     stem = Path(path).name
     stem = stem[: -len(".skeleton")] if stem.endswith(".skeleton") else stem
-    m = NAME.match(stem)
+    m = NAME.fullmatch(stem)
     if m is None:
         raise DataFormatError(path, "unknown file-name pattern: expected SsssCcccPpppRrrrAaaa.skeleton "
                               "(setup, camera, performer, replication, action; 3 digits each)")
-    return NtuName(*map(int, m.groups()))
+    name = NtuName(*map(int, m.groups()))
+    for letter, value, last in (("S", name.setup, None), ("C", name.camera, 3), ("P", name.subject, None),
+                                ("R", name.replication, None), ("A", name.action, len(CLASSES))):
+        if value < 1 or (last is not None and value > last):
+            expected = f"{letter}001-{letter}{last:03d}" if last else f"{letter}001 or above"
+            raise DataFormatError(path, f"{letter}{value:03d} is outside the dataset: expected {expected}")
+    return name
 
 
 def split_of(name: NtuName, benchmark: str) -> str:
@@ -116,8 +123,7 @@ def _count(lines, i: int, path, what: str) -> int:
     try:
         value = int(tokens[0])
     except ValueError:
-        raise DataFormatError(path, f"expected {what} (an integer), found {tokens[0].decode(errors='replace')!r}",
-                              i + 1) from None
+        raise DataFormatError(path, f"expected {what} (an integer), found {quote(tokens[0])}", i + 1) from None
     if value < 0:
         raise DataFormatError(path, f"expected {what} >= 0, found {value}", i + 1)
     return value
@@ -125,8 +131,7 @@ def _count(lines, i: int, path, what: str) -> int:
 
 def read_skeleton(path: str | os.PathLike) -> Skeleton:
     """Parse one NTU ``.skeleton`` file (format in REFERENCE.md 1.1)."""
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
+    lines = read_file(path).splitlines()
     if not any(line.strip() for line in lines):
         raise DataFormatError(path, "empty file: expected the frame count on line 1", 1)
     num_frames = _count(lines, 0, path, "the frame count")
@@ -146,8 +151,8 @@ def read_skeleton(path: str | os.PathLike) -> Skeleton:
                 try:
                     float(t)
                 except ValueError:
-                    raise DataFormatError(path, f"non-numeric token {t.decode(errors='replace')!r} on the info line "
-                                          f"of body {b + 1} in frame {f + 1}", i + 1) from None
+                    raise DataFormatError(path, f"non-numeric token {quote(t)} on the info line of body {b + 1} in "
+                                          f"frame {f + 1}", i + 1) from None
             joints = _count(lines, i + 1, path, f"the joint count of body {b + 1} in frame {f + 1}")
             if joints != NUM_JOINTS:
                 raise DataFormatError(path, f"wrong joint count: expected {NUM_JOINTS} joints, found {joints}", i + 2)
@@ -168,7 +173,8 @@ def read_skeleton(path: str | os.PathLike) -> Skeleton:
 
 
 def _joint_values(lines, starts, path) -> np.ndarray:
-    """All joint lines, 12 numbers each, parsed in one go; only x, y, z are kept (and must be finite)."""
+    """All joint lines, 12 numbers each, parsed in one go; only x, y, z are kept (and must be finite as the
+    float32 they are stored in: 1e39 is a finite float64 but not a float32)."""
     if not starts:
         return np.zeros((0, NUM_JOINTS, 3), np.float32)
     rows = [lines[s + j] for s in starts for j in range(NUM_JOINTS)]
@@ -188,16 +194,17 @@ def _joint_values(lines, starts, path) -> np.ndarray:
                 try:
                     float(t)
                 except ValueError:
-                    raise DataFormatError(path, f"non-numeric token {t.decode(errors='replace')!r} on a joint line",
-                                          line) from None
+                    raise DataFormatError(path, f"non-numeric token {quote(t)} on a joint line", line) from None
         raise AssertionError("unreachable")
     xyz = values.reshape(len(starts), NUM_JOINTS, 12)[:, :, :3]
-    bad = ~np.isfinite(xyz)
+    with np.errstate(over="ignore"):
+        xyz32 = xyz.astype(np.float32)
+    bad = ~np.isfinite(xyz32)
     if bad.any():
         e, j, _ = np.argwhere(bad)[0]
         raise DataFormatError(path, f"non-finite coordinate ({xyz[e, j][bad[e, j]][0]}) on a joint line: x, y, z "
-                              "must be finite numbers", starts[e] + j + 1)
-    return xyz.astype(np.float32)
+                              "must be finite float32 numbers (magnitude below 3.4e38)", starts[e] + j + 1)
+    return xyz32
 
 
 def select_bodies(sk: Skeleton, rule: str = "tracked", max_bodies: int = 2) -> np.ndarray:
@@ -235,7 +242,7 @@ def read_xyz(path, rule: str = "tracked", max_bodies: int = 2) -> np.ndarray:
 def _ntu_task(job, options):
     sk = read_skeleton(job.payload)
     raw = select_bodies(sk, options["bodies"])
-    if not np.abs(raw).any():  # no body in any frame: a sample with missing skeletons
+    if not has_body(raw, options["official"]):  # no body in any frame: a sample with missing skeletons
         return [(job.indices[0], None, None)]
     out = preprocess(raw, options["frames"], center=20, shoulders=(4, 8), official=options["official"])
     return [(job.indices[0], out, None)]
@@ -249,6 +256,8 @@ def prepare_ntu(raw_dirs, out, version: int = 60, frames: int = 64, bodies: str 
     NTU-120 folder also works); files are sorted by name, as the official generator does."""
     if version not in (60, 120):
         raise ValueError(f"version must be 60 or 120; got {version}")
+    if bodies not in ("tracked", "official"):
+        raise ValueError(f"body selection must be 'tracked' or 'official'; got {bodies!r}")
     if isinstance(raw_dirs, (str, os.PathLike)):
         raw_dirs = [raw_dirs]
     paths, other = {}, 0
@@ -269,9 +278,7 @@ def prepare_ntu(raw_dirs, out, version: int = 60, frames: int = 64, bodies: str 
         try:
             name = parse_name(paths[stem])
         except DataFormatError as err:
-            if not skip_bad:
-                raise
-            bad.append((stem, str(err)))
+            skip_or_raise(err, stem, bad, skip_bad)
             continue
         if version == 60 and (name.setup > 17 or name.action > 60):
             continue

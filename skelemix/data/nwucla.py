@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .errors import DataFormatError
-from .prepare import Candidate, Job, build, require_dir
-from .preprocess import preprocess
+from .errors import DataFormatError, quote
+from .prepare import Candidate, Job, build, read_file, require_dir, skip_or_raise
+from .preprocess import has_body, preprocess
 from .safe_pickle import load as safe_load
 
 NUM_JOINTS = 20
-NAME = re.compile(r"^a(\d{2})_s(\d{2})_e(\d{2})_v(\d{2})$")
+NAME = re.compile(r"a([0-9]{2})_s([0-9]{2})_e([0-9]{2})_v([0-9]{2})")  # whole name (fullmatch)
 ACTIONS = (1, 2, 3, 4, 5, 6, 8, 9, 11, 12)
 CLASSES = ("pick up with one hand", "pick up with two hands", "drop trash", "walk around", "sit down", "stand up",
            "donning", "doffing", "throw", "carry")
@@ -30,29 +29,36 @@ CENTER, SHOULDERS = 2, (4, 8)  # shoulder centre; left and right shoulders (0-ba
 
 
 def parse_name(path) -> tuple[int, int, int, int]:
-    """``(action, subject, episode, view)`` from ``aXX_sYY_eZZ_vWW[.json]``."""
+    """``(action, subject, episode, view)`` from ``aXX_sYY_eZZ_vWW[.json]``; an action or view outside the
+    dataset raises :class:`DataFormatError`."""
     stem = Path(path).name
     stem = stem[:-5] if stem.endswith(".json") else stem
-    m = NAME.match(stem)
+    m = NAME.fullmatch(stem)
     if m is None:
         raise DataFormatError(path, "unknown file-name pattern: expected aXX_sYY_eZZ_vWW.json (action, subject, "
                               "episode, view)")
     action, subject, episode, view = map(int, m.groups())
     if action not in ACTIONS:
         raise DataFormatError(path, f"unknown action a{action:02d}: NW-UCLA has actions {ACTIONS}")
+    if view not in (*TRAIN_VIEWS, TEST_VIEW):
+        raise DataFormatError(path, f"unknown view v{view:02d}: NW-UCLA has views 1-3")
     return action, subject, episode, view
 
 
 def read_sequence(path) -> np.ndarray:
     """``(3, T, 20, 1)`` float32 coordinates of one JSON file."""
+    text = read_file(path)
+    if not text.strip():
+        raise DataFormatError(path, "empty file: expected a JSON object with 'skeletons'", 1)
     try:
-        with open(path, "rb") as f:
-            text = f.read()
-        if not text.strip():
-            raise DataFormatError(path, "empty file: expected a JSON object with 'skeletons'", 1)
-        obj = json.loads(text)
+        obj = json.loads(text, parse_int=float)  # a 5000-digit integer becomes inf (refused below), not an error
     except json.JSONDecodeError as err:
         raise DataFormatError(path, f"not valid JSON ({err.msg})", err.lineno) from None
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, f"not valid JSON: not UTF-8 text (byte offset {err.start}: {err.reason})") from None
+    except RecursionError:
+        raise DataFormatError(path, "not valid JSON for this format: nested too deeply (expected [T][20][3] lists)") \
+            from None
     if not isinstance(obj, dict) or "skeletons" not in obj:
         raise DataFormatError(path, "expected a JSON object with a 'skeletons' list [T][20][3]")
     frames = obj["skeletons"]
@@ -60,22 +66,25 @@ def read_sequence(path) -> np.ndarray:
         raise DataFormatError(path, "'skeletons' must be a non-empty list of frames [T][20][3]")
     for t, frame in enumerate(frames):
         if not isinstance(frame, list) or len(frame) != NUM_JOINTS:
-            n = len(frame) if isinstance(frame, list) else type(frame).__name__
+            n = len(frame) if isinstance(frame, list) else f"a {type(frame).__name__}"
             raise DataFormatError(path, f"wrong joint count in frame {t}: expected {NUM_JOINTS} joints, found {n}")
         for j, joint in enumerate(frame):
             if not isinstance(joint, list) or len(joint) != 3 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in joint):
-                raise DataFormatError(path, f"frame {t} joint {j}: expected 3 numbers (x, y, z), found {joint!r}")
+                raise DataFormatError(path, f"frame {t} joint {j}: expected 3 numbers (x, y, z), found {quote(joint)}")
     x = np.asarray(frames, dtype=np.float64)
-    if not np.isfinite(x).all():
-        t, j, _ = np.argwhere(~np.isfinite(x))[0]
-        raise DataFormatError(path, f"frame {t} joint {j}: non-finite coordinate {x[t, j].tolist()}")
-    return x.transpose(2, 0, 1)[..., None].astype(np.float32)
+    with np.errstate(over="ignore"):
+        x32 = x.astype(np.float32)
+    if not np.isfinite(x32).all():  # 1e39 is a finite float64 but not a float32
+        t, j, _ = np.argwhere(~np.isfinite(x32))[0]
+        raise DataFormatError(path, f"frame {t} joint {j}: non-finite coordinate {x[t, j].tolist()}: x, y, z must "
+                              "be finite float32 numbers (magnitude below 3.4e38)")
+    return x32.transpose(2, 0, 1)[..., None]
 
 
 def _task(job, options):
     raw = read_sequence(job.payload)
-    if not np.abs(raw).any():
+    if not has_body(raw, options["official"]):
         return [(job.indices[0], None, None)]
     return [(job.indices[0], preprocess(raw, options["frames"], CENTER, SHOULDERS, options["official"]), None)]
 
@@ -94,13 +103,9 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
         try:
             action, _, _, view = parse_name(path)
         except DataFormatError as err:
-            if not skip_bad:
-                raise
-            bad.append((Path(path).stem, str(err)))
+            skip_or_raise(err, Path(path).stem, bad, skip_bad)
             continue
-        split = "train" if view in TRAIN_VIEWS else "val" if view == TEST_VIEW else None
-        if split is None:
-            raise DataFormatError(path, f"unknown view v{view:02d}: NW-UCLA has views 1-3")
+        split = "train" if view in TRAIN_VIEWS else "val"
         jobs.append(Job(path, [len(candidates)], path))
         candidates.append(Candidate(Path(path).stem, ACTIONS.index(action), {None: split}))
     labels_file = raw / "val_label.pkl"
@@ -114,12 +119,7 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
 
 def _check_val_list(path, val, skip_bad):
     """The view-3 files must be exactly CTR-GCN's test list, with the same labels (1-based there)."""
-    try:
-        entries = safe_load(path)
-    except (pickle.UnpicklingError, EOFError) as err:  # a truncated or damaged file; refused globals pass on
-        if type(err).__name__ == "UnsafePickleError":
-            raise
-        raise DataFormatError(path, f"not a readable pickle ({err})") from None
+    entries = safe_load(path)
     try:
         expected = {e["file_name"]: int(e["label"]) - 1 for e in entries}
     except (TypeError, KeyError, ValueError):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataFormatError
-from .prepare import Candidate, Job, build, require_dir
-from .preprocess import preprocess
+from .errors import DataFormatError, check_name, quote
+from .prepare import Candidate, Job, build, read_file, read_text, require_dir, skip_or_raise
+from .preprocess import has_body, preprocess
 
 CLASSES = (
     "bow", "brushing hair", "brushing teeth", "check time (from watch)", "cheer up", "clapping",
@@ -44,8 +44,7 @@ VIDEO = re.compile(r"^.+-([LMR])$")
 def read_labels(path) -> list[tuple[int, int, int]]:
     """``[(label 0-based, start, end)]`` of one label file (1-based inclusive frames)."""
     clips = []
-    with open(path, "rb") as f:
-        lines = f.read().splitlines()
+    lines = read_file(path).splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -57,8 +56,8 @@ def read_labels(path) -> list[tuple[int, int, int]]:
             action, start, end = (int(p) for p in parts[:3])
             float(parts[3])
         except ValueError:
-            raise DataFormatError(path, f"non-numeric token in {line.decode(errors='replace').strip()!r}: "
-                                  "expected integers 'action, start_frame, end_frame' and a confidence", n) from None
+            raise DataFormatError(path, f"non-numeric token in {quote(line.strip())}: expected integers "
+                                  "'action, start_frame, end_frame' and a confidence", n) from None
         if not 1 <= action <= len(CLASSES):
             raise DataFormatError(path, f"action {action} outside 1..{len(CLASSES)}", n)
         if not 1 <= start <= end:
@@ -72,8 +71,7 @@ def read_labels(path) -> list[tuple[int, int, int]]:
 
 def read_video(path) -> np.ndarray:
     """``(3, T, 25, 2)`` float32 of one skeleton file."""
-    with open(path, "rb") as f:
-        lines = [line for line in f.read().splitlines()]
+    lines = read_file(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -98,11 +96,13 @@ def read_video(path) -> np.ndarray:
                 try:
                     float(t)
                 except ValueError:
-                    raise DataFormatError(path, f"non-numeric token {t.decode(errors='replace')!r}", n) from None
-    values = values.reshape(len(lines), width // 75, 25, 3)
-    if not np.isfinite(values).all():
+                    raise DataFormatError(path, f"non-numeric token {quote(t)}", n) from None
+    with np.errstate(over="ignore"):
+        values = values.reshape(len(lines), width // 75, 25, 3).astype(np.float32)
+    if not np.isfinite(values).all():  # after the cast: 1e39 is a finite float64 but not a float32
         n = int(np.argwhere(~np.isfinite(values))[0][0]) + 1
-        raise DataFormatError(path, "non-finite value: coordinates must be finite numbers", n)
+        raise DataFormatError(path, "non-finite value: coordinates must be finite float32 numbers (magnitude below "
+                              "3.4e38)", n)
     out = np.zeros((len(lines), 2, 25, 3), np.float32)
     out[:, : values.shape[1]] = values
     return out.transpose(3, 0, 2, 1)
@@ -116,7 +116,7 @@ def _task(job, options):
         if end > video.shape[1]:
             raise DataFormatError(path, f"a label asks for frames {start}-{end}, the file has {video.shape[1]} frames")
         clip = video[:, start - 1:end]
-        if not np.abs(clip).any():
+        if not has_body(clip, options["official"]):
             results.append((i, None, None))
         else:
             results.append((i, preprocess(clip, options["frames"], 20, (4, 8), options["official"]), None))
@@ -125,7 +125,7 @@ def _task(job, options):
 
 def read_split_file(path) -> dict[str, str]:
     """``{video: "train" | "val"}`` from an official split file."""
-    text = Path(path).read_text()
+    text = read_text(path)
     out, current = {}, None
     for n, line in enumerate(text.splitlines(), 1):
         head = line.strip().lower()
@@ -157,35 +157,32 @@ def prepare_pkummd(raw, out, frames: int = 64, split_file=None, test_view: str =
     """Cut the PKU-MMD recordings under ``raw`` into clips and write ``out/xview`` (and ``out/xsub`` when
     ``split_file`` is given)."""
     raw = require_dir(raw, "PKU-MMD raw data")
-    skeleton_dir, label_dir = _find(raw, "skeleton"), _find(raw, "label")
-    subjects = read_split_file(split_file) if split_file else None
     if test_view not in ("L", "M", "R"):
         raise ValueError(f"test_view must be L, M or R; got {test_view!r}")
+    skeleton_dir, label_dir = _find(raw, "skeleton"), _find(raw, "label")
+    subjects = read_split_file(split_file) if split_file else None
     candidates, jobs, bad = [], [], []
     for entry in sorted(os.scandir(skeleton_dir), key=lambda e: e.name):
         if not entry.name.endswith(".txt"):
             continue
         video = entry.name[:-4]
         try:
-            m = VIDEO.match(video)
+            m = VIDEO.fullmatch(video)
             if m is None:
                 raise DataFormatError(entry.path, "unknown file-name pattern: expected <video>-L|M|R.txt")
+            check_name(video, entry.path, "video name")
             label_path = label_dir / entry.name
-            if not label_path.is_file():
+            if not os.path.lexists(label_path):
                 raise DataFormatError(entry.path, f"no label file {label_path}")
             clips = read_labels(label_path)
         except DataFormatError as err:
-            if not skip_bad:
-                raise
-            bad.append((video, str(err)))
+            skip_or_raise(err, video, bad, skip_bad)
             continue
         splits = {"xview": "val" if m.group(1) == test_view else "train"}
         if subjects is not None:
             if video not in subjects:
                 err = DataFormatError(split_file, f"video {video} is in neither list of the split file")
-                if not skip_bad:
-                    raise err
-                bad.append((video, str(err)))
+                skip_or_raise(err, video, bad, skip_bad)
                 continue
             splits["xsub"] = subjects[video]
         first = len(candidates)

@@ -11,7 +11,10 @@ at the end.
 
 Samples in which no body appears are listed as missing skeletons and left out. A malformed input raises
 :class:`DataFormatError` (file, line, expectation) unless ``skip_bad``, which leaves the sample out and
-lists it with its error in ``skipped.txt``.
+lists it with its error in ``skipped.txt``. Inputs are untrusted: raw files are read only when they are
+regular files (:func:`read_file`: a FIFO would block forever), every name that becomes a file name or a
+line is checked (:func:`~.errors.check_name`), and a sample that is not finite once stored as float32 is
+refused like a malformed file.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -29,7 +33,7 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from .errors import DataFormatError
+from .errors import DataFormatError, check_name, printable
 from .prepared import write_meta
 
 PENDING, OK, MISSING, BAD = 0, 1, 2, 3
@@ -63,7 +67,7 @@ class Report:
     def summary(self) -> str:
         parts = [f"{bm or 'splits'}: " + ", ".join(f"{s} {n}" for s, n in sizes.items())
                  for bm, sizes in self.sizes.items()]
-        lines = [f"{self.out}: " + "; ".join(parts)]
+        lines = [f"{printable(str(self.out))}: " + "; ".join(parts)]
         if self.ignored:
             lines.append(f"ignored (ignore list): {self.ignored}")
         if self.missing:
@@ -71,7 +75,7 @@ class Report:
                          + ", ".join(self.missing[:10]) + (" ..." if len(self.missing) > 10 else ""))
         if self.skipped:
             lines.append(f"skipped bad inputs (--skip-bad): {len(self.skipped)}")
-            lines += [f"  {name}: {err}" for name, err in self.skipped]
+            lines += [f"  {printable(name)}: {err}" for name, err in self.skipped]
         if self.reused:
             lines.append(f"already prepared, kept: {', '.join(str(b) for b in self.reused)} (--force to redo)")
         return "\n".join(lines)
@@ -88,12 +92,27 @@ def _init(task, options, worker=False):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_NOT_FINITE = ("non-finite values in the prepared sample: a coordinate (or a difference of two) is beyond the "
+               "float32 range of about 3.4e38; expected finite coordinates in metres")
+
+
 def _run(job: Job):
-    """Run one job in a worker: ``[(index, array | None, error | None)]``; format errors become results."""
-    try:
-        return _TASK(job, _OPTIONS)
-    except DataFormatError as err:
-        return [(i, None, err) for i in job.indices]
+    """Run one job in a worker: ``[(index, array | None, error | None)]``; format errors become results, and
+    so does a sample that is not finite once cast to float32, the dtype it is stored in."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as a data error
+        try:
+            results = _TASK(job, _OPTIONS)
+        except DataFormatError as err:
+            return [(i, None, err) for i in job.indices]
+        checked = []
+        for k, (i, arr, err) in enumerate(results):
+            if arr is not None:
+                arr = np.asarray(arr, np.float32)
+                if not np.isfinite(arr).all():
+                    which = f"sample {k + 1} of {len(results)}: " if len(results) > 1 else ""
+                    arr, err = None, DataFormatError(job.key, which + _NOT_FINITE)
+            checked.append((i, arr, err))
+    return checked
 
 
 def _fingerprint(obj) -> str:
@@ -110,6 +129,18 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
     converter already left out (reported with the others). Every benchmark gets the ``split_names`` (even
     if empty) and any other split its candidates name."""
     out = Path(out)
+    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
+        raise ValueError(f"frames must be a whole number >= 1; got {frames!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
+                                or workers < 1):
+        raise ValueError(f"workers must be a whole number >= 1 (or None: all cores); got {workers!r}")
+    for job in jobs:  # before anything is written or removed: names from data files are untrusted
+        for i in job.indices:
+            check_name(candidates[i].name, job.key, "sample name")
+            for bm, split in candidates[i].splits.items():
+                check_name(split, job.key, "split name")
+                if bm is not None:
+                    check_name(bm, job.key, "benchmark name")
     if not candidates:
         raise FileNotFoundError(f"nothing to prepare into {out}: no sample is left ({ignored} on the ignore list, "
                                 f"{len(skipped or [])} skipped as bad)")
@@ -179,6 +210,7 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
                 for i, arr, err in result:
                     if err is not None:
                         if not skip_bad:
+                            err.skippable = True
                             raise err
                         status[i], errors[i] = BAD, str(err)
                         with open(errors_path, "a") as f:
@@ -227,7 +259,7 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
         missing = [n for n in report.missing if n in in_bm]
         bad = [(n, e) for n, e in report.skipped if n in in_bm or n in everywhere]
         (tmp / "missing_skeletons.txt").write_text("".join(f"{n}\n" for n in missing))
-        (tmp / "skipped.txt").write_text("".join(f"{n}\t{e}\n" for n, e in bad))
+        (tmp / "skipped.txt").write_text("".join(f"{printable(n)}\t{e}\n" for n, e in bad))
         write_meta(tmp, dataset=dataset, layout=layout, classes=list(classes), frames=frames, bodies=bodies,
                    splits=sizes, benchmark=bm, settings=_fingerprint(settings), options=options,
                    missing_skeletons=len(missing), skipped=len(bad), **(extra_meta or {}))
@@ -241,13 +273,53 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
     return report
 
 
+def skip_or_raise(err: DataFormatError, name: str, skipped: list, skip_bad: bool) -> None:
+    """Leave one bad input out (``skipped`` gets its name and error) under ``skip_bad``; raise ``err``
+    otherwise, marked as one that ``skip_bad`` would have left out."""
+    if not skip_bad:
+        err.skippable = True
+        raise err
+    skipped.append((name, str(err)))
+
+
+def read_file(path) -> bytes:
+    """The bytes of the regular file at ``path``. Anything else raises :class:`DataFormatError`, which
+    ``skip_bad`` can skip: a directory, a FIFO (opened without blocking, so it cannot hang the run), a
+    device, a file that cannot be opened or read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise DataFormatError(path, f"cannot open the file: {err.strerror or err}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "another kind of file")
+            raise DataFormatError(path, f"expected a regular file, found {kind}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as err:
+        raise DataFormatError(path, f"cannot read the file: {err.strerror or err}") from None
+    finally:
+        os.close(fd)
+
+
+def read_text(path) -> str:
+    """:func:`read_file` decoded as UTF-8 (a BOM is allowed)."""
+    try:
+        return read_file(path).decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(path, f"not UTF-8 text (byte offset {err.start}: {err.reason})") from None
+
+
 def read_ignore_list(path) -> set[str]:
     """Names in an ignore list (one per line, with or without an extension; blank lines and # comments skipped)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"ignore list {path} not found")
     names = set()
-    for line in path.read_text().splitlines():
+    for line in read_text(path).splitlines():
         line = line.split("#", 1)[0].strip()
         if line:
             names.add(Path(line).name.split(".", 1)[0])

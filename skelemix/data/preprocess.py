@@ -41,6 +41,13 @@ def valid_window(x: np.ndarray, official: bool = False) -> tuple[int, int]:
     return int(present[0]), int(present[-1]) + 1
 
 
+def has_body(x: np.ndarray, official: bool = False) -> bool:
+    """Whether :func:`preprocess` keeps any frame of ``x``: converters list a sample without one as missing
+    skeletons (with ``official``, body 0's first joint must be nonzero in some frame)."""
+    start, stop = valid_window(x, official)
+    return stop > start
+
+
 def align_shoulders(x: np.ndarray, left: int = 4, right: int = 8, official: bool = False) -> np.ndarray:
     """Rotate ``x (3, T, V, M)`` about y, per frame and body, so the shoulder vector ``right - left`` lies on
     +x (float64 arithmetic)."""

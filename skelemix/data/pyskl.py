@@ -4,8 +4,9 @@ A PYSKL file is ``{"split": {name: [frame_dir, ...]}, "annotations": [{"frame_di
 "keypoint" (M, T, V, C), "total_frames", ...}]}``. It is read with the restricted unpickler (plain
 containers and numpy arrays only; the file's content is never executed). Split names ``<benchmark>_<split>``
 (``xsub_train``, ``xview_val``, ...) become ``out/<benchmark>/<split>``; unprefixed names (``train``) make
-one dataset in ``out``. 3D keypoints of 25 (NTU) or 20 (NW-UCLA) joints are supported. A pickle is held in
-memory whole by nature, so :func:`export_pyskl` builds it in memory too.
+one dataset in ``out``. Split names and ``frame_dir`` become file names and lines, so they are checked
+(:func:`~.errors.check_name`) before anything is written. 3D keypoints of 25 (NTU) or 20 (NW-UCLA) joints
+are supported. A pickle is held in memory whole by nature, so :func:`export_pyskl` builds it in memory too.
 """
 from __future__ import annotations
 
@@ -15,36 +16,40 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataFormatError
+from .errors import DataFormatError, quote
 from .prepare import Candidate, Job, build
 from .prepared import read_meta
 from .preprocess import preprocess
 from .safe_pickle import load as safe_load
 
 _LAYOUTS = {25: ("ntu-rgb+d", 20), 20: ("nw-ucla", 2)}  # joints -> (layout, centre joint)
+_LAYOUT_NAMES = sorted(name for name, _ in _LAYOUTS.values())
 
 
 def read_pyskl(path) -> dict:
     """Load and validate a PYSKL annotation pickle."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"PYSKL annotation file {path} not found")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise DataFormatError(path, "expected a regular file (a PYSKL annotation .pkl)")
     if path.stat().st_size == 0:
         raise DataFormatError(path, "empty file: expected a pickled {'split', 'annotations'} dict")
-    try:
-        data = safe_load(path)
-    except (pickle.UnpicklingError, EOFError) as err:
-        if type(err).__name__ == "UnsafePickleError":
-            raise
-        raise DataFormatError(path, f"not a readable pickle ({err})") from None
+    data = safe_load(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list) \
             or not isinstance(data.get("split"), dict):
         raise DataFormatError(path, "expected a dict with 'split' (dict of name lists) and 'annotations' (list)")
+    for split, names in data["split"].items():
+        if not isinstance(split, str) or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DataFormatError(path, f"split {quote(split)}: expected a split name mapped to a list of frame_dir "
+                                  "names")
     for k, ann in enumerate(data["annotations"]):
         where = f"annotation {k}"
         if not isinstance(ann, dict) or not {"frame_dir", "label", "keypoint"} <= set(ann):
             raise DataFormatError(path, f"{where}: expected a dict with 'frame_dir', 'label', 'keypoint'")
-        where = f"annotation {k} ({ann['frame_dir']})"
+        if not isinstance(ann["frame_dir"], str):
+            raise DataFormatError(path, f"{where}: 'frame_dir' must be a string; found {quote(ann['frame_dir'])}")
+        where = f"annotation {k} ({quote(ann['frame_dir'])})"
         kp = ann["keypoint"]
         if not isinstance(kp, np.ndarray) or kp.ndim != 4 or not np.issubdtype(kp.dtype, np.floating):
             raise DataFormatError(path, f"{where}: 'keypoint' must be a float array (M, T, V, C); got "
@@ -56,12 +61,16 @@ def read_pyskl(path) -> dict:
             raise DataFormatError(path, f"{where}: wrong joint count: expected 25 (NTU) or 20 (NW-UCLA), found {V}")
         if T < 1 or M < 1:
             raise DataFormatError(path, f"{where}: empty keypoint array {kp.shape}")
-        if "total_frames" in ann and int(ann["total_frames"]) != T:
-            raise DataFormatError(path, f"{where}: total_frames is {ann['total_frames']} but the keypoints have {T}")
-        if not np.isfinite(kp).all():
-            raise DataFormatError(path, f"{where}: non-finite keypoint values")
+        if "total_frames" in ann and (not isinstance(ann["total_frames"], (int, np.integer))
+                                      or ann["total_frames"] != T):
+            raise DataFormatError(path, f"{where}: total_frames is {quote(ann['total_frames'])} but the keypoints "
+                                  f"have {T}")
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(kp.astype(np.float32)).all()  # 1e39 is a finite float64 but not a float32
+        if not finite:
+            raise DataFormatError(path, f"{where}: non-finite keypoint values (or beyond the float32 range, 3.4e38)")
         if not isinstance(ann["label"], (int, np.integer)) or ann["label"] < 0:
-            raise DataFormatError(path, f"{where}: label must be an integer >= 0; got {ann['label']!r}")
+            raise DataFormatError(path, f"{where}: label must be an integer >= 0; got {quote(ann['label'])}")
     return data
 
 
@@ -80,6 +89,10 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
                   force: bool = False):
     """Convert a PYSKL 3D annotation pickle into prepared datasets (``preprocessing="resize"``: only the
     temporal resize, for data that is already preprocessed)."""
+    if preprocessing not in ("full", "resize"):
+        raise ValueError(f"preprocessing must be 'full' or 'resize'; got {preprocessing!r}")
+    if layout is not None and layout not in _LAYOUT_NAMES:
+        raise ValueError(f"layout must be one of {_LAYOUT_NAMES}; got {layout!r}")
     data = read_pyskl(pkl)
     anns = data["annotations"]
     if not anns:
@@ -88,7 +101,10 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
     if len(joints) != 1:
         raise DataFormatError(pkl, f"annotations mix joint counts {sorted(joints)}")
     V = joints.pop()
-    layout = layout or _LAYOUTS[V][0]
+    if layout not in (None, _LAYOUTS[V][0]):
+        raise DataFormatError(pkl, f"the keypoints have {V} joints, the {_LAYOUTS[V][0]} layout; --layout {layout} "
+                              "needs another joint count")
+    layout = _LAYOUTS[V][0]
     bodies = max(a["keypoint"].shape[0] for a in anns)
     where = {}
     prefixed = any("_" in s for s in data["split"])
@@ -106,7 +122,7 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
         if not splits:
             unsplit += 1
             continue
-        jobs.append(Job(ann["frame_dir"], [len(candidates)], ann["keypoint"]))
+        jobs.append(Job(str(pkl), [len(candidates)], ann["keypoint"]))  # the key names the file in errors
         candidates.append(Candidate(ann["frame_dir"], int(ann["label"]), splits))
     if unsplit:
         print(f"note: {unsplit} annotations are in no split and were left out")

@@ -277,9 +277,11 @@ def _load(file, source: str):
 
 def load(path: str | os.PathLike):
     """Unpickle the file at ``path`` with the restricted machine. Raises :class:`UnsafePickleError` for anything
-    outside the allow-list and :class:`~skelemix.data.errors.DataFormatError` for a malformed file."""
-    with open(path, "rb") as f:
-        return _load(f, str(path))
+    outside the allow-list and :class:`~skelemix.data.errors.DataFormatError` for a malformed file or one that
+    cannot be read (a FIFO or a directory included)."""
+    from .prepare import read_file
+
+    return loads(read_file(path), str(path))
 
 
 def loads(data: bytes, source: str = "<bytes>"):

@@ -56,7 +56,7 @@ def mann_whitney(x, y) -> tuple[float, float]:
     """Two-sided Mann-Whitney U test: (U of ``x``, p). The p-value is exact, also with ties: twice the smaller
     tail of the midrank sum of ``x`` over all C(n1 + n2, n1) splits of the pooled values (scipy's and R's
     two-sided convention), counted by dynamic programming over doubled, hence integer, midranks."""
-    n1, n = len(x), len(x) + len(y)
+    n1 = len(x)
     if not len(x) or not len(y):
         return math.nan, math.nan
     pooled = sorted([*x, *y])

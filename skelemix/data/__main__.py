@@ -11,9 +11,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .errors import DataFormatError
+from .. import cli
 from .synthetic import write_synthetic
 
 
@@ -108,6 +107,7 @@ def main(argv=None) -> int:
     synth.add_argument("--val", type=int, default=440)
     synth.add_argument("--frames", type=_at_least_one, default=64)
     synth.add_argument("--seed", type=int, default=0)
+    cli.add_debug_flag(p)
     args = p.parse_args(argv)
     try:
         if args.command == "prepare":
@@ -117,16 +117,15 @@ def main(argv=None) -> int:
             n = export_pyskl(args.prepared, args.out)
             print(f"wrote {n} annotations to {args.out}")
             return 0
+        write_synthetic(args.out, args.train, args.val, args.frames, args.seed)
+        print(f"wrote {args.train} train and {args.val} val sequences of {args.frames} frames to {args.out}")
+        return 0
     except BaseException as err:  # noqa: BLE001 - handle() re-raises everything but user errors and Ctrl-C
-        from .. import cli
-
         skippable = getattr(err, "skippable", False)  # set on per-file errors that --skip-bad would skip
-        return cli.handle(err, exit_code=1, hint=" (--skip-bad leaves such inputs out and lists them)" * skippable,
+        return cli.handle(err, args.debug, exit_code=1,
+                          hint=" (--skip-bad leaves such inputs out and lists them)" * skippable,
                           interrupted="interrupted: the finished samples are kept; run the same command again to "
                                       "resume")
-    write_synthetic(args.out, args.train, args.val, args.frames, args.seed)
-    print(f"wrote {args.train} train and {args.val} val sequences of {args.frames} frames to {args.out}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ op CUDA-graph capturable.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, Tuple
 
 import torch
 

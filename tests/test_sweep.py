@@ -9,10 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bench import sweep
-from bench.sweep import SweepError, fisher_exact, mann_whitney, parse_sets, split_values, variants
+REPO = Path(__file__).resolve().parents[1]
+if not (REPO / "bench").is_dir():
+    pytest.skip("needs the source tree (bench/)", allow_module_level=True)
+sys.path.append(str(REPO))  # bench/ is not installed; appended, so an installed skelemix still comes first
+from bench import sweep  # noqa: E402
+from bench.sweep import SweepError, fisher_exact, mann_whitney, parse_sets, split_values, variants  # noqa: E402
 
-from test_train import TINY
+from test_train import TINY  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -16,7 +16,7 @@ import torch  # does not import triton
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Prepared datasets shared between checkouts: <checkouts>/shared/data next to this repository.
+# Prepared datasets shared between checkouts: the data folder inside the "shared" folder beside this repository.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED = 0
 # Tests use tiny tensors: one thread is faster and does not slow to a crawl when the machine is busy.

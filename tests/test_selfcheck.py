@@ -303,6 +303,15 @@ def test_info_check_reports_a_failure(capsys, monkeypatch):
     assert re.search(r"graph_conv impl=cpp float32 on cpu: .*max error", out)
 
 
+@pytest.mark.needs_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("op", selfcheck.OPS)
+def test_triton_kernels_pass_their_probes_in_the_interpreter(op):
+    outcome = selfcheck.probe(op, implementations(op)["triton"], "cpu", torch.float32)
+    assert outcome.ok, outcome.error
+    assert selfcheck.build_id("triton", op).startswith("triton ")  # Triton's version and the kernels' sources
+
+
 # ----------------------------------------------------------------------------------------------------- GPU
 
 

@@ -712,3 +712,26 @@ def test_launch_settings_are_pure_and_bounded(ops):
     block_c, block_i, block_t, split, _ = kc.reduction_settings(32, 64, 64, lambda bt, bc: 1000, lambda bc, bi: 6,
                                                                 interpret=False)
     assert (block_c, block_i, block_t) == (32, 32, 2) and split == 512 // 6
+    assert kc.reduction_settings(32, 64, 64, lambda bt, bc: 1000, lambda bc, bi: 6, False, target=8 * 132)[3] == 176
+    # The fixed forward config (no autotuning): channel tiles fitted to the layer, within the register budget.
+    for cin, cout in ((3, 16), (16, 16), (64, 256), (256, 64)):
+        config = kc.fwd_config(32, cin, cout, interpret=False)
+        assert config["BLOCK_C"] == min(64, max(16, cout)) and config["BLOCK_I"] == min(32, max(16, cin))
+        assert kc.fits_registers(config["BLOCK_C"], config["BLOCK_T"], 32) and config["num_stages"] == 2
+    assert kc.fwd_config(32, 64, 256, interpret=False) == dict(BLOCK_C=64, BLOCK_I=32, BLOCK_T=4, num_warps=8,
+                                                               num_stages=2)
+
+
+def test_graph_conv_autotunes_only_when_asked(ops, monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.delenv(ops.AUTOTUNE_ENV, raising=False)
+    assert not ops._autotune(x)
+    monkeypatch.setenv(ops.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops._autotune(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not ops._autotune(mode.from_tensor(x))  # inside a trace: the fixed config
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not ops._autotune(x)

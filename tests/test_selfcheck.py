@@ -324,12 +324,16 @@ def test_cuda_and_triton_kernels_pass_their_probes(probed):
             if not _extension.available(impl)[0] or impl not in implementations(op):
                 continue
             for dtype in (torch.float32, torch.bfloat16):
-                outcome = selfcheck.probe(op, implementations(op)[impl], "cuda", dtype)
+                first = selfcheck.probe(op, implementations(op)[impl], "cuda", dtype)
                 seen += 1
-                if not outcome.ok:
-                    failures.append(f"{op} {impl} {dtype}: {outcome.error}")
-                elif outcome.seconds > 1.0:
-                    failures.append(f"{op} {impl} {dtype}: slow probe, {outcome.seconds:.2f} s (Triton compiles?)")
+                if not first.ok:
+                    failures.append(f"{op} {impl} {dtype}: {first.error}")
+                    continue
+                # Timed again: the first probe includes Triton's JIT compile, which the op's first call pays anyway.
+                again = selfcheck.probe(op, implementations(op)[impl], "cuda", dtype)
+                if not again.ok or again.seconds > 0.5:
+                    failures.append(f"{op} {impl} {dtype}: {again.error or 'slow'}, {again.seconds:.2f} s (first "
+                                    f"{first.seconds:.2f} s)")
     assert seen and not failures, "\n".join(failures)
     chosen = selfcheck.prepare("cuda", (torch.float32,))
     assert all(impl != "eager" for impl in chosen.values()), chosen

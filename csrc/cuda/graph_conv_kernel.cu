@@ -7,7 +7,7 @@
 //
 // half and bfloat16 (e.g. under amp=bf16) run their GEMMs in their own dtype on the tensor cores. Whatever
 // sums over k, and the long reductions of the weight and adjacency gradients, go to fp32 outputs through
-// cuBLAS's out_dtype GEMMs (torch >= 2.8); the one intermediate per k (x @ A_k, W_k @ x or W_k^T @ grad) is
+// cuBLAS's out_dtype GEMMs (torch >= 2.9); the one intermediate per k (x @ A_k, W_k @ x or W_k^T @ grad) is
 // rounded once to the input dtype, as the eager reference rounds its 1x1 conv output. Older torch upcasts the
 // inputs to fp32 instead (correct, but far from the tensor cores).
 #include <ATen/core/Tensor.h>
@@ -25,7 +25,7 @@
 #include "../graph_conv.h"
 
 #ifndef SKELEMIX_OUT_DTYPE_GEMM  // -DSKELEMIX_OUT_DTYPE_GEMM=0 builds the upcasting path (a compile check)
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
 #define SKELEMIX_OUT_DTYPE_GEMM 1
 #else
 #define SKELEMIX_OUT_DTYPE_GEMM 0

@@ -89,10 +89,10 @@ summary "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $($PY -c 'im
 if [ "$DRY" -eq 1 ]; then
   skip "build" "dry run"
 else
-  stage "build" build.log "$(share 32)" env FORCE_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps \
+  stage "build" build.log "$(share 30)" env FORCE_CUDA=1 $PY -m pip install -v --no-build-isolation --no-deps \
     --no-index -e .
 fi
-stage "info and self-check" build.log "$(share 8)" $PY -m skelemix.info --check
+stage "info and self-check" build.log "$(share 10)" $PY -m skelemix.info --check
 stage "tests: CUDA build, parity" tests.log "$(share 12)" bash -c tests_parity
 if [ "$DRY" -eq 1 ]; then
   skip "compute-sanitizer memcheck" "dry run"

@@ -75,36 +75,41 @@ def _cell(value) -> str:
 
 
 def _check() -> int:
-    """The self-check table of every device here; 1 if any implementation failed."""
+    """The self-check table of every device here, printed one op at a time (a run cut short keeps what it
+    printed); 1 if any implementation failed."""
     from . import _extension, selfcheck
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     dtypes = selfcheck.DTYPES
     names = [str(d).replace("torch.", "") for d in dtypes]
-    lines, failures = [], []
+    failures = []
+
+    def say(*lines):
+        print("\n".join(lines), flush=True)
+
     for device in devices:
-        rows, picks = selfcheck.check_all(device, dtypes)
         auto = ("impl=auto probes each before its first use" if device in selfcheck.PROBED_DEVICE_TYPES else
                 "impl=auto uses them unprobed: CI tests the CPU kernels")
-        lines += ["", f"self-check on {device} ({selfcheck.device_name(selfcheck._normal(device))}): each "
-                  "implementation against the eager reference on random inputs, forward and backward, with the "
-                  f"largest error relative to the largest value; {auto}", "",
-                  "| op | impl | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        say("", f"self-check on {device} ({selfcheck.device_name(selfcheck._normal(device))}): each implementation "
+            "against the eager reference on random inputs, forward and backward, with the largest error relative to "
+            f"the largest value; {auto}", "", "| op | impl | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names))
         unavailable = {}
         for op in selfcheck.OPS:
-            for row in (r for r in rows if r.op == op):
-                lines.append(f"| {op} | {row.impl} | " + " | ".join(_cell(row.cells[d]) for d in dtypes) + " |")
+            rows, picks = selfcheck.check_op(op, device, dtypes)
+            for row in rows:
+                say(f"| {op} | {row.impl} | " + " | ".join(_cell(row.cells[d]) for d in dtypes) + " |")
                 if row.why:
                     unavailable[row.impl] = row.why
                 failures += [f"{op} impl={row.impl} {name} on {device}: {cell.error}" for d, name in zip(dtypes, names)
                              if not isinstance(cell := row.cells[d], str) and not cell.ok]
-            lines.append(f"| {op} | auto picks | " + " | ".join(picks[(op, d)] for d in dtypes) + " |")
-        lines += [""] * bool(unavailable) + [f"{impl} unavailable: {why}" for impl, why in unavailable.items()]
+            say(f"| {op} | auto picks | " + " | ".join(picks[d] for d in dtypes) + " |")
+        if unavailable:
+            say("", *(f"{impl} unavailable: {why}" for impl, why in unavailable.items()))
     if "cuda" not in devices:
-        lines += ["", f"cuda: not checked: {_extension.available('cuda')[1]}"]
+        say("", f"cuda: not checked: {_extension.available('cuda')[1]}")
     if failures:
-        lines += ["", "FAILED (a bug: please report it with this output):"] + [f"  {f}" for f in failures]
-    print("\n".join(lines))
+        say("", "FAILED (a bug: please report it with this output):", *(f"  {f}" for f in failures))
     return 1 if failures else 0
 
 

@@ -79,9 +79,9 @@ def _cases(op: str, device: torch.device, dtype: torch.dtype, gen: torch.Generat
     def seed():
         return torch.randint(0, 2**62, (1,), generator=gen).to(device)
 
-    if op == "graph_conv":  # both contraction orders of the kernels: C_in <= C_out, and the weight first
+    if op == "graph_conv":  # both contraction orders (C_in <= C_out, the weight first), and a partial channel tile
         return [(name, (t(2, cin, frames, 25), t(3 * cout, cin) * 0.3, t(3 * cout), t(3, 25, 25, kind="rand") / 8))
-                for name, cin, cout, frames in (("16->16", 16, 16, 8), ("48->16", 48, 16, 4))]
+                for name, cin, cout, frames in (("16->16", 16, 16, 8), ("48->16", 48, 16, 4), ("16->80", 16, 80, 2))]
     if op == "mask_pool":  # post-ReLU features; the second mask is mostly inside
         x = t(4, 32, 4, 25).relu()
         mask = torch.rand(2, 4, 25, generator=gen).to(device) < torch.tensor([[[0.5]], [[0.95]]]).to(device)
@@ -93,7 +93,7 @@ def _cases(op: str, device: torch.device, dtype: torch.dtype, gen: torch.Generat
             span = torch.stack((start, start + torch.randint(0, 3, (3, groups), generator=gen)), -1)
             cases.append((name, (t(4, 3, 16, 25, 2), torch.randint(0, 4, (3, 4), generator=gen).to(device),
                                  (torch.rand(3, groups, 25, generator=gen) < 0.5).to(device), span.to(device), 4,
-                                 True)))
+                                 False)))  # unchecked, as SkeleMix calls it (valid values)
         return cases
     if op == "bn_epilogue":
         C = 16
@@ -359,7 +359,7 @@ IMPLS_ON = {"cpu": ("eager", "cpp", "triton"), "cuda": ("eager", "cuda", "triton
 
 @dataclass
 class Row:
-    """One (op, implementation) of :func:`check_all`: a cell per dtype (an :class:`Outcome`, or a string:
+    """One (op, implementation) of :func:`check_op`: a cell per dtype (an :class:`Outcome`, or a string:
     ``"reference"``, ``"unavailable"``, ``"unsupported"``), and why it is unavailable."""
 
     op: str
@@ -368,40 +368,39 @@ class Row:
     why: str = ""
 
 
-def check_all(device, dtypes=DTYPES) -> tuple[list[Row], dict[tuple[str, torch.dtype], str]]:
-    """Probe every implementation of every op that can run on ``device`` (no cache), for ``python -m
-    skelemix.info --check``. Returns the rows and what ``impl="auto"`` picks per (op, dtype) given them: on a
-    probed device the first implementation that passed, elsewhere the first available (auto trusts it)."""
+def check_op(op: str, device, dtypes=DTYPES) -> tuple[list[Row], dict[torch.dtype, str]]:
+    """Probe every implementation of ``op`` that can run on ``device`` (no cache), for ``python -m skelemix.info
+    --check``. Returns its rows and what ``impl="auto"`` picks per dtype given them: on a probed device the
+    first implementation that passed, elsewhere the first available (auto trusts it)."""
     from .ops._impl import _AUTO_UNSUPPORTED, _usable, auto_candidates
 
     device = _normal(device)
-    rows, picks = [], {}
-    for op in OPS:
-        implementations = importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS
-        passed = set()
-        for impl in IMPLS_ON[device.type]:
-            if impl not in implementations:
-                continue
-            if impl == "eager":
-                rows.append(Row(op, impl, {dtype: "reference" for dtype in dtypes}))
-            elif not _usable(impl, device):
-                rows.append(Row(op, impl, {dtype: "unavailable" for dtype in dtypes}, _extension.available(impl)[1]
-                                or f"triton runs on CUDA tensors (or on {device.type} ones under TRITON_INTERPRET=1)"))
-            else:
-                cells = {}
-                for dtype in dtypes:
-                    if dtype in _AUTO_UNSUPPORTED.get(impl, ()):
-                        cells[dtype] = "unsupported"
-                        continue
-                    cells[dtype] = probe(op, implementations[impl], device, dtype)
-                    if cells[dtype].ok:
-                        passed.add((impl, dtype))
-                rows.append(Row(op, impl, cells))
-        for dtype in dtypes:
-            candidates = auto_candidates(device, implementations, dtype)
-            if device.type in PROBED_DEVICE_TYPES:
-                candidates = [name for name in candidates if name == "eager" or (name, dtype) in passed]
-            picks[(op, dtype)] = candidates[0]
+    implementations = importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS
+    rows, passed = [], set()
+    for impl in IMPLS_ON[device.type]:
+        if impl not in implementations:
+            continue
+        if impl == "eager":
+            rows.append(Row(op, impl, {dtype: "reference" for dtype in dtypes}))
+        elif not _usable(impl, device):
+            rows.append(Row(op, impl, {dtype: "unavailable" for dtype in dtypes}, _extension.available(impl)[1]
+                            or f"triton runs on CUDA tensors (or on {device.type} ones under TRITON_INTERPRET=1)"))
+        else:
+            cells = {}
+            for dtype in dtypes:
+                if dtype in _AUTO_UNSUPPORTED.get(impl, ()):
+                    cells[dtype] = "unsupported"
+                    continue
+                cells[dtype] = probe(op, implementations[impl], device, dtype)
+                if cells[dtype].ok:
+                    passed.add((impl, dtype))
+            rows.append(Row(op, impl, cells))
+    picks = {}
+    for dtype in dtypes:
+        candidates = auto_candidates(device, implementations, dtype)
+        if device.type in PROBED_DEVICE_TYPES:
+            candidates = [name for name in candidates if name == "eager" or (name, dtype) in passed]
+        picks[dtype] = candidates[0]
     return rows, picks
 
 

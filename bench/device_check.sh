@@ -84,7 +84,7 @@ GPU=$(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_ver
 summary "device_check $(date -u +%FT%TZ)$([ "$DRY" -eq 1 ] && echo ' DRY RUN (CPU, tiny sizes)') on ${GPU:-no GPU}"
 summary "git $(git rev-parse --short HEAD 2>/dev/null || echo '?')  $($PY -c 'import torch; print("torch", torch.__version__)' 2>&1) $($PY -c 'import triton; print("triton", triton.__version__)' 2>&1 | tail -1)"
 
-# Shares of the budget in percent: 96 here, and the compile rows get the rest. What a stage leaves unused
+# Shares of the budget in percent: 97 here (report included), and the compile rows get the rest. What a stage leaves unused
 # goes to the step matrix (beyond 10% kept for the compile rows) and then to the compile rows.
 if [ "$DRY" -eq 1 ]; then
   skip "build" "dry run"

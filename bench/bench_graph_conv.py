@@ -79,3 +79,35 @@ def test_graph_conv(benchmark, provider, layer, mode):
     measure(benchmark, step, group=f"op/graph_conv {c_in}->{c_out} T={T} {mode}", provider=provider,
             shapes={"x": list(x.shape), "weight": list(weight.shape), "A": list(A.shape)}, bytes=traffic,
             flops=flops)
+
+
+# Triton's launch settings on a GPU: the fixed forward config used everywhere but here against autotuning over
+# _fwd_configs(), and the gradient reductions' programs per SM (4 is about the 512 programs of the first
+# version on an H100), fwd+bwd at the widest and at the longest layer.
+TRITON_SETTINGS = [("fixed", 8), ("autotuned", 8), ("fixed", 4), ("fixed", 16)]
+
+
+@pytest.mark.parametrize("config, per_sm", TRITON_SETTINGS, ids=[f"{c}-{n}_per_sm" for c, n in TRITON_SETTINGS])
+@pytest.mark.parametrize("layer", [len(LAYERS) - 1, 1], ids=lambda i: f"{LAYERS[i][0]}-{LAYERS[i][1]}xT{LAYERS[i][2]}")
+def test_graph_conv_triton_settings(benchmark, monkeypatch, layer, config, per_sm):
+    skip_unless_provider("triton", "graph_conv")
+    from skelemix.ops import _triton
+
+    monkeypatch.setenv(_triton.AUTOTUNE_ENV, "1" if config == "autotuned" else "0")
+    monkeypatch.setattr(_triton._kernels("graph_conv"), "REDUCTION_PROGRAMS_PER_SM", per_sm)
+    c_in, c_out, T, K, V = LAYERS[layer]
+    B = BATCH * M
+    inputs = (torch.randn(B, c_in, T, V, device=DEVICE, requires_grad=True),
+              (torch.randn(K * c_out, c_in, device=DEVICE) * 0.1).requires_grad_(),
+              torch.randn(K * c_out, device=DEVICE).requires_grad_(),
+              (torch.rand(K, V, V, device=DEVICE) / V).requires_grad_())
+    grad = torch.randn(B, c_out, T, V, device=DEVICE)
+
+    def step():
+        for t in inputs:
+            t.grad = None
+        ops.graph_conv(*inputs, impl="triton").backward(grad)
+
+    measure(benchmark, step, group=f"op/graph_conv triton settings {c_in}->{c_out} T={T} fwd+bwd",
+            provider=f"triton {config} {per_sm}/SM", shapes={"x": list(inputs[0].shape)},
+            flops=2 * B * T * V * K * c_out * (c_in + V) * 3)

@@ -1,15 +1,48 @@
 """End to end: the paper's ST-GCN encoder forward+backward, and one full SkeleMixCLR+ training step
-(query + 3 mixed batches through the query encoder, the key through the momentum encoder, SGD update).
-The "+graph" providers replay the step's device work as one CUDA graph (``train.cuda_graph=on``)."""
+(query + 3 mixed batches through the query encoder, the key through the momentum encoder, SGD update) for
+every combination of the switches a user has (the step matrix):
+
+- impl: ``eager`` (the reference ops), ``compile`` (``torch.compile`` of both encoders around them), the
+  compiled ops (``cuda``; ``cpp`` on a CPU) and ``triton``;
+- epilogue: ``modules`` (BatchNorm, dropout, add, ReLU) or ``fused`` (``bn_epilogue``; ``train.epilogue``);
+- amp: ``none`` or ``bf16`` (``train.amp``);
+- CUDA graph: ``off`` or ``on`` (the step's device work replayed as one graph; ``train.cuda_graph``).
+
+Rows run most useful first (:data:`MATRIX`), so a run cut short keeps them; the compile rows come last (each
+is a cold Inductor compile). Each row records the median step, samples/s and the peak of allocated GPU
+memory; ``steps.md`` beside the JSON (:func:`bench.common.json_path`) is rewritten after every row.
+"""
+import itertools
+
 import pytest
 import torch
 
-from bench.common import BATCH, DEVICE, measure, skip_unless_provider
+from bench.common import (BATCH, COMPILE_BACKEND, DEVICE, MODEL_OVERRIDES, json_path, measure, payload,
+                          release_memory, skip_unless_provider)
+from bench.report import write_steps
 from skelemix.augment import apply_augment, draw_augment, pretrain_augment
 from skelemix.config import load_config, make_encoder, make_pretrain_model
 from skelemix.train import GraphedStep
 
 T, V, M = 64, 25, 2
+KERNELS = "cuda" if DEVICE.type == "cuda" else "cpp"  # the compiled ops of this device
+STEP_GROUP = "model/SkeleMixCLR+ step"
+
+
+def _value_order(row: tuple[str, str, str, str]) -> tuple:
+    """Most useful first: the eager baseline; the compiled ops and Triton, plain, then fused, bf16, and with a
+    CUDA graph; eager's other combinations; compile last (cold compiles), plain first."""
+    impl, epilogue, amp, graph = row
+    switches = (graph == "on", amp == "bf16", epilogue == "fused")
+    if impl == "compile":
+        return (3, switches)
+    if impl == "eager":
+        return (0 if not any(switches) else 2, switches)
+    return (1, switches, impl != KERNELS)
+
+
+MATRIX = sorted(itertools.product(("eager", "compile", KERNELS, "triton"), ("modules", "fused"), ("none", "bf16"),
+                                  ("off", "on")), key=_value_order)
 
 
 def encoder_cost(model, batch: int, frames: int, backward: bool = True) -> tuple[float, float]:
@@ -39,10 +72,10 @@ def _impl_of(provider):
 def test_encoder_fwd_bwd(benchmark, provider):
     impl, _, variant = provider.partition("+")  # "+fused": the fused block epilogue (train.epilogue=fused)
     skip_unless_provider(impl)
-    config = load_config("paper.yaml")
+    config = load_config("paper.yaml", MODEL_OVERRIDES)
     encoder = make_encoder(config.model, num_class=128, impl=_impl_of(impl)).to(DEVICE)
     encoder.fused_epilogue = variant == "fused"
-    run = torch.compile(encoder) if provider == "compile" else encoder
+    run = torch.compile(encoder, backend=COMPILE_BACKEND) if provider == "compile" else encoder
     x = torch.randn(BATCH, 3, T, V, M, device=DEVICE)
 
     def step():
@@ -54,50 +87,61 @@ def test_encoder_fwd_bwd(benchmark, provider):
             shapes={"x": list(x.shape), "hidden": [16, 256]}, bytes=traffic, flops=flops)
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
-                                      "triton+fused", "cuda+bf16", "triton+bf16", "cuda+graph", "triton+graph"])
-def test_training_step(benchmark, provider):
-    # "+bf16": the encoders under bf16 autocast (train.amp=bf16); "+fused": train.epilogue=fused.
-    provider, _, variant = provider.partition("+")
-    amp = "bf16" if variant == "bf16" else ""
-    skip_unless_provider(provider)
-    if variant == "graph" and DEVICE.type != "cuda":
+@pytest.mark.parametrize("row", MATRIX, ids=["-".join(row) for row in MATRIX])
+def test_training_step(benchmark, row):
+    impl, epilogue, amp, graph = row
+    release_memory()
+    skip_unless_provider(impl)
+    if graph == "on" and DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
-    config = load_config("paper.yaml", [f"train.impl={_impl_of(provider)}",
-                                        f"train.epilogue={'fused' if variant == 'fused' else 'modules'}"])
+    config = load_config("paper.yaml", MODEL_OVERRIDES + [f"train.impl={_impl_of(impl)}", f"train.epilogue={epilogue}"])
     model = make_pretrain_model(config).to(DEVICE)
-    if provider == "compile":
-        model.encoder_q, model.encoder_k = torch.compile(model.encoder_q), torch.compile(model.encoder_k)
+    if impl == "compile":
+        model.encoder_q = torch.compile(model.encoder_q, backend=COMPILE_BACKEND)
+        model.encoder_k = torch.compile(model.encoder_k, backend=COMPILE_BACKEND)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     x = torch.randn(BATCH, 3, T, V, M, device=DEVICE)
     generator = torch.Generator().manual_seed(0)
     repeats = int(config.model.swap_params[0][4])
+    autocast = dict(device_type=DEVICE.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
     def eager_step():
         q = pretrain_augment(x, config.data.shear, config.data.temporal_ratio, generator=generator)
         k = pretrain_augment(x, config.data.shear, config.data.temporal_ratio, generator=generator)
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        with torch.autocast(**autocast):
             loss = model(q, k, generator=generator)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
-    # "+graph": the same draws on the host, the device work replayed; its warm-up step and the capture fall in
-    # measure()'s untimed calls.
+    # CUDA graph: the same draws on the host, the device work replayed; its warm-up step and the capture fall
+    # in measure()'s untimed calls. No autocast weight cache inside a captured graph (as the trainer does).
     def device_work(x, d):
-        return model(apply_augment(x, d["q"]), apply_augment(x, d["k"]), mix_draws=d["mix"], sync_free=True)
+        with torch.autocast(**autocast, cache_enabled=False):
+            return model(apply_augment(x, d["q"]), apply_augment(x, d["k"]), mix_draws=d["mix"], sync_free=True)
 
-    graphed = GraphedStep(device_work, optimizer, DEVICE, warmup=1) if variant == "graph" else None
+    graphed = GraphedStep(device_work, optimizer, DEVICE, warmup=1) if graph == "on" else None
 
     def graphed_step():
         draws = {v: draw_augment(x.shape, config.data.shear, config.data.temporal_ratio, generator) for v in ("q", "k")}
         graphed(x, {**draws, "mix": model.draw_mixes(x.shape, generator)})
 
-    step = graphed_step if graphed is not None else eager_step
-
     enc = model.encoder_q
     fb_flops, fb_bytes = encoder_cost(enc, BATCH, T)
     f_flops, f_bytes = encoder_cost(enc, BATCH, T, backward=False)
-    measure(benchmark, step, group="model/SkeleMixCLR+ step", provider=provider + (f"+{variant}" if variant else ""),
-            shapes={"x": list(x.shape), "mixes": repeats, "queue": config.model.queue_size},
-            flops=(1 + repeats) * fb_flops + f_flops, bytes=(1 + repeats) * fb_bytes + f_bytes)
+    # The floor's bytes count float32 activations; bf16 ones are half.
+    traffic = ((1 + repeats) * fb_bytes + f_bytes) * (0.5 if amp == "bf16" else 1.0)
+    variant = dict(impl=impl, epilogue=epilogue, amp=amp, graph=graph)
+    try:
+        measure(benchmark, graphed_step if graphed is not None else eager_step, group=STEP_GROUP,
+                provider="-".join(row), dtype=torch.bfloat16 if amp == "bf16" else torch.float32,
+                shapes={"x": list(x.shape), "mixes": repeats, "queue": config.model.queue_size},
+                flops=(1 + repeats) * fb_flops + f_flops, bytes=traffic, extra={"variant": variant})
+    except Exception as err:  # noqa: BLE001 - the table says which row broke, then the test fails
+        from bench import common
+
+        common.RESULTS.append({"group": STEP_GROUP, "provider": "-".join(row), "variant": variant,
+                               "error": f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"})
+        raise
+    finally:
+        write_steps(json_path().with_name("steps.md"), payload())

@@ -1,6 +1,7 @@
 """Short parity run of every fused op's GPU implementations against the eager reference, on the samples of
 :mod:`skelemix.testing` (forward, and backward where the op has one). Small on purpose: it runs under
-compute-sanitizer in ``bench/device_check.sh``. Exit status 1 on any mismatch.
+compute-sanitizer in ``bench/device_check.sh``, so each case is printed (and flushed) as it finishes: a run
+cut short by its time limit still reports the cases it passed. Exit status 1 on any mismatch.
 
     python -m bench.gpu_parity [--impl cuda triton]
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Iterator
 
 import torch
 
@@ -30,14 +32,15 @@ def _atol(expected: torch.Tensor, rtol: float, atol: float) -> float:
     return atol + rtol * float(expected.detach().abs().max())
 
 
-def check(op: str, impl: str, dtype: torch.dtype, device: str = "cuda") -> list[str]:
+def check(op: str, impl: str, dtype: torch.dtype, device: str = "cuda") -> Iterator[str]:
+    """One line per case, yielded as soon as the case is done: ``ok ...``, ``FAIL ...`` or ``SKIP ...``."""
     module = importlib.import_module(f"skelemix.ops.{op}")
     samples = getattr(testing, f"sample_inputs_{op}", None)
     if impl not in module._IMPLEMENTATIONS or samples is None:
-        return [f"SKIP {op} impl={impl}: not implemented"]
+        yield f"SKIP {op} impl={impl}: not implemented"
+        return
     fn, ref = getattr(module, op), getattr(reference, op)
     rtol, atol = testing.tolerances(dtype)
-    report = []
 
     def leaves(sample_args):
         grad = op not in FORWARD_ONLY
@@ -63,13 +66,12 @@ def check(op: str, impl: str, dtype: torch.dtype, device: str = "cuda") -> list[
                         testing.assert_close_verbose(a, b, rtol, _atol(b, rtol, atol), f"{name} grad {j}")
             if device == "cuda":
                 torch.cuda.synchronize()
-            report.append(f"ok   {name}")
+            yield f"ok   {name}"
         except Exception as err:  # noqa: BLE001 - every failure is reported, then the run fails
-            report.append(f"FAIL {name}: {type(err).__name__}: {err}")
-    return report
+            yield f"FAIL {name}: {type(err).__name__}: {err}"
 
 
-def check_dropout_mask(impl: str, device: str = "cuda") -> list[str]:
+def check_dropout_mask(impl: str, device: str = "cuda") -> str:
     """bn_epilogue's dropout mask across the 2**32 counter boundary (flat indices beyond any sample's size),
     computed as the kernels compute it, against the reference bit for bit."""
     seed, start, numel, p = torch.tensor([0x0123456789ABCDEF], device=device), 2**32 - 512, 1024, 0.3
@@ -87,7 +89,7 @@ def check_dropout_mask(impl: str, device: str = "cuda") -> list[str]:
         got = torch.ops.skelemix._bn_epilogue_dropout_keep(seed, start, numel, p)
     differ = int((got.cpu() != reference.dropout_keep(seed.cpu(), (numel,), p, offset=start)).sum())
     name = f"bn_epilogue impl={impl} dropout mask across 2**32"
-    return [f"ok   {name}" if differ == 0 else f"FAIL {name}: {differ} of {numel} elements differ"]
+    return f"ok   {name}" if differ == 0 else f"FAIL {name}: {differ} of {numel} elements differ"
 
 
 def main(argv=None) -> int:
@@ -100,19 +102,25 @@ def main(argv=None) -> int:
         print("no CUDA device visible")
         return 1
     torch.manual_seed(0)
-    lines = []
+    done = failed = 0
+
+    def report(line: str) -> None:
+        nonlocal done, failed
+        print(line, flush=True)
+        done += 1
+        failed += line.startswith("FAIL")
+
     for impl in args.impl:
         ok, why = _extension.available(impl)
         if not ok:
-            lines.append(f"FAIL impl={impl} unavailable: {why}")
+            report(f"FAIL impl={impl} unavailable: {why}")
             continue
         for op in OPS:
             for dtype in args.dtype:
-                lines += check(op, impl, getattr(torch, dtype), args.device)
-        lines += check_dropout_mask(impl, args.device)
-    print("\n".join(lines))
-    failed = sum(line.startswith("FAIL") for line in lines)
-    print(f"{len(lines) - failed} ok/skipped, {failed} failed")
+                for line in check(op, impl, getattr(torch, dtype), args.device):
+                    report(line)
+        report(check_dropout_mask(impl, args.device))
+    print(f"{done - failed} ok/skipped, {failed} failed", flush=True)
     return 1 if failed else 0
 
 

@@ -2,10 +2,13 @@
 
     python -m bench.report .benchmarks/skelemix-latest.json [--markdown OUT.md] [--png OUT.png]
 
-Each group gets one row per provider: median, min, GB/s, TFLOP/s, and the speed-up over ``eager`` (and over
-``compile``) of the same run. Groups that carry their FLOPs and bytes also get the physical floor of that
-work on the machine, ``max(flops / matmul peak, bytes / copy bandwidth)``, with the measured peaks from the
-``machine`` group (bench_machine.py), and each provider's distance from it.
+The SkeleMixCLR+ step matrix (bench_model.py) comes first, one row per combination of impl, epilogue, amp and
+CUDA graph: step time, samples/s, the ratio to the eager and to the compile baseline (both float32, plain
+modules, no graph), peak GPU memory and the distance from the floor. Then each other group gets one row per
+provider: median, min, GB/s, TFLOP/s, and the speed-up over ``eager`` (and over ``compile``) of the same run.
+Groups that carry their FLOPs and bytes also get the physical floor of that work on the machine,
+``max(flops / matmul peak, bytes / copy bandwidth)``, with the measured peaks from the ``machine`` group
+(bench_machine.py; the matmul peak of the row's dtype), and each provider's distance from it.
 """
 from __future__ import annotations
 
@@ -18,33 +21,94 @@ ORDER = ("eager", "compile", "cpp", "cuda", "triton", "cuda+bf16", "triton+bf16"
 BASELINES = ("eager", "official-style")  # what "vs eager" divides by, first found
 
 
-def _peaks(results: list[dict]) -> tuple[float | None, float | None]:
-    """(copy bytes/s, matmul FLOP/s) measured on this machine, if the machine group ran."""
-    bw = flops = None
+def _peaks(results: list[dict]) -> tuple[float | None, dict[str, float]]:
+    """(copy bytes/s, {dtype: matmul FLOP/s}) measured on this machine, if the machine group ran."""
+    bw, flops = None, {}
     for r in results:
+        if "median_s" not in r:
+            continue
         if r["group"] == "machine/copy":
             bw = max(bw or 0.0, r["bytes"] / r["median_s"])
-        elif r["group"].startswith("machine/matmul"):
-            flops = max(flops or 0.0, r["flops"] / r["median_s"])
+        elif r["group"].startswith("machine/matmul-"):
+            dtype = r["group"].removeprefix("machine/matmul-")
+            flops[dtype] = max(flops.get(dtype, 0.0), r["flops"] / r["median_s"])
     return bw, flops
 
 
-def floor_seconds(r: dict, bw: float | None, peak: float | None) -> float | None:
+def floor_seconds(r: dict, bw: float | None, peaks: dict[str, float]) -> float | None:
+    """The floor of row ``r``: its bytes at the copy bandwidth or its FLOPs at the matmul rate of its dtype
+    (float32's where that dtype was not measured), whichever takes longer."""
+    peak = peaks.get(r.get("dtype", "float32")) or peaks.get("float32")
     parts = [r["bytes"] / bw if bw and r.get("bytes") else 0.0, r["flops"] / peak if peak and r.get("flops") else 0.0]
     return max(parts) or None
 
 
+STEP_GROUP = "model/SkeleMixCLR+ step"
+
+
+def format_steps(payload: dict) -> str:
+    """The step matrix as one Markdown table (rows in the order they ran; failed rows say what broke)."""
+    env = payload["environment"]
+    rows = [r for r in payload["results"] if r["group"] == STEP_GROUP and "variant" in r]
+    if not rows:
+        return ""
+    bw, peaks = _peaks(payload["results"])
+
+    def baseline(impl):
+        return next((r["median_s"] for r in rows if "median_s" in r and r["variant"] == dict(
+            impl=impl, epilogue="modules", amp="none", graph="off")), None)
+
+    eager, compiled = baseline("eager"), baseline("compile")
+    shapes = next((r["shapes"] for r in rows if "shapes" in r), {})
+    batch = shapes.get("x", [0])[0]
+    lines = [f"**SkeleMixCLR+ training step** on {env['device']} (torch {env['torch']}, sizes '{env['size']}': "
+             f"x={shapes.get('x')}, mixes={shapes.get('mixes')}, queue={shapes.get('queue')}; median of "
+             f"{env['rounds']} rounds; baselines: eager and compile with float32, modules, no graph)", "",
+             "| impl | epilogue | amp | CUDA graph | step ms | samples/s | vs eager | vs compile | peak GiB | vs floor |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        v = r["variant"]
+        cells = [v["impl"], v["epilogue"], v["amp"], v["graph"]]
+        if "error" in r:
+            lines.append("| " + " | ".join(cells + [f"failed: {r['error']}"] + [""] * 5) + " |")
+            continue
+        t = r["median_s"]
+        floor = floor_seconds(r, bw, peaks)
+        cells += [f"{t * 1e3:.1f}", f"{batch / t:.0f}", f"{eager / t:.2f}x" if eager else "",
+                  f"{compiled / t:.2f}x" if compiled else "",
+                  f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "",
+                  f"{t / floor:.1f}x floor" if floor else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_steps(path: Path, payload: dict) -> None:
+    """Rewrite the step matrix table at ``path`` (after every row: a run cut short keeps what it measured)."""
+    text = format_steps(payload)
+    if text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(path)
+
+
 def format_tables(payload: dict) -> str:
-    env, results = payload["environment"], payload["results"]
-    bw, peak = _peaks(results)
+    env = payload["environment"]
+    results = [r for r in payload["results"] if "median_s" in r]
+    bw, peaks = _peaks(results)
     lines = [f"Device: {env['device']}; torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}, "
              f"sizes '{env['size']}', {env['rounds']} timed rounds (median)."]
-    if bw or peak:
-        lines.append(f"Measured peaks: copy {bw / 1e9:.1f} GB/s, matmul {peak / 1e12:.2f} TFLOP/s."
-                     if bw and peak else f"Measured peaks: copy {bw or 0:.3g} B/s, matmul {peak or 0:.3g} FLOP/s.")
+    if bw or peaks:
+        lines.append("Measured peaks: " + ", ".join(
+            ([f"copy {bw / 1e9:.1f} GB/s"] if bw else [])
+            + [f"{dtype} matmul {rate / 1e12:.2f} TFLOP/s" for dtype, rate in peaks.items()]) + ".")
+    steps = format_steps(payload)
+    if steps:
+        lines += ["", steps]
     groups: dict[str, list[dict]] = {}
     for r in results:
-        groups.setdefault(r["group"], []).append(r)
+        if not (r["group"] == STEP_GROUP and "variant" in r):
+            groups.setdefault(r["group"], []).append(r)
     for group, rows in groups.items():
         rows.sort(key=lambda r: ORDER.index(r["provider"]) if r["provider"] in ORDER else len(ORDER))
         base = {r["provider"]: r["median_s"] for r in rows}
@@ -55,7 +119,7 @@ def format_tables(payload: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             t = r["median_s"]
-            floor = floor_seconds(r, bw, peak) if not group.startswith("machine/") else None
+            floor = floor_seconds(r, bw, peaks) if not group.startswith("machine/") else None
             cells = [r["provider"], f"{t * 1e3:.3f}", f"{r['min_s'] * 1e3:.3f}",
                      f"{r['bytes'] / t / 1e9:.1f}" if r.get("bytes") else "",
                      f"{r['flops'] / t / 1e12:.3f}" if r.get("flops") else "",
@@ -74,7 +138,7 @@ def plot(payload: dict, path: Path) -> None:
 
     groups: dict[str, dict[str, float]] = {}
     for r in payload["results"]:
-        if not r["group"].startswith("machine/"):
+        if "median_s" in r and not r["group"].startswith("machine/"):
             groups.setdefault(r["group"], {})[r["provider"]] = r["median_s"]
     groups = {g: {**v, "eager": next(v[b] for b in BASELINES if b in v)} for g, v in groups.items()
               if any(b in v for b in BASELINES)}

@@ -68,8 +68,10 @@ TORCH_LIBRARY_FRAGMENT(skelemix, m) {
   // x: (N, C, T, V, M) floating; partner: (R, N) int64 in [0, N); joints: (R, G, V) bool, G in {1, N};
   // span: (R, G, 2) int64 [start, end) in blocks of `block` frames. Returns mixed (R*N, C, T, V, M) in x's
   // dtype and mask (R, N, ceil(T / block), V) bool. Forward only: the op registers no autograd.
+  // check_values=false skips the value checks on CUDA (they copy partner and span to the host: a sync); the
+  // kernel then never reads out of bounds, but an invalid value gives an unspecified mix. CPU always checks.
   m.def(
-      "skelemix_gather(Tensor x, Tensor partner, Tensor joints, Tensor span, int block) "
+      "skelemix_gather(Tensor x, Tensor partner, Tensor joints, Tensor span, int block, bool check_values=True) "
       "-> (Tensor mixed, Tensor mask)",
       {at::Tag::pt2_compliant_tag});
 }

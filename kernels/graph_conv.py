@@ -47,25 +47,45 @@ def channel_block(channels: int, most: int) -> int:
     return min(most, max(16, triton.next_power_of_2(channels)))
 
 
+def fits_registers(block_c: int, block_t: int, VP: int) -> bool:
+    """The two fp32 accumulators (2 x BLOCK_C * BLOCK_T * VP) stay within 16K elements."""
+    return block_c * block_t * VP <= 8192
+
+
 def prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop tiles whose fp32 accumulators (2 x BLOCK_C * BLOCK_T * VP) exceed 16K elements. Under the
-    interpreter use one tile fitted to the channels instead: benchmarking there measures nothing, and its tl.dot
-    (numpy) costs what the padded tile costs."""
+    """Drop the autotune tiles that exceed the register budget for VP."""
     VP = kwargs.get("VP", named_args.get("VP"))
-    if kwargs.get("INTERPRET", named_args.get("INTERPRET")):
-        return [triton.Config({"BLOCK_C": channel_block(named_args["COUT"], 64),
-                               "BLOCK_I": channel_block(named_args["CIN"], 32), "BLOCK_T": frames_per_tile(VP, 128)})]
-    return [c for c in configs if c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_T"] * VP <= 8192] or configs[-1:]
+    return [c for c in configs if fits_registers(c.kwargs["BLOCK_C"], c.kwargs["BLOCK_T"], VP)] or configs[-1:]
 
 
-def reduction_settings(VP: int, cin: int, cout: int, items, programs, interpret: bool) -> tuple[int, ...]:
+def fwd_config(VP: int, cin: int, cout: int, interpret: bool) -> dict:
+    """The forward's launch settings without autotuning (tests, parity checks, self-check probes, training):
+    a tile fitted to the channels, as many frames as the register budget allows (at most 4, as the autotune
+    configs). Under the interpreter, wider frame tiles: there programs run one after another."""
+    block_c, block_i = channel_block(cout, 64), channel_block(cin, 32)
+    if interpret:
+        return dict(BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_T=frames_per_tile(VP, 128))
+    block_t = 4
+    while block_t > 1 and not fits_registers(block_c, block_t, VP):
+        block_t //= 2
+    big = block_c * block_t * VP >= 8192
+    return dict(BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_T=block_t, num_warps=8 if big else 4, num_stages=2)
+
+
+# Gradient reductions: programs per SM the split of the (n, t) reduction aims at (about 4 per SM of an H100 was
+# latency-bound by the desk check's reading; bench/bench_graph_conv.py sweeps it on a GPU).
+REDUCTION_PROGRAMS_PER_SM = 8
+
+
+def reduction_settings(VP: int, cin: int, cout: int, items, programs, interpret: bool,
+                       target: int = 512) -> tuple[int, ...]:
     """``(BLOCK_C, BLOCK_I, BLOCK_T, SPLIT, num_warps)`` for the gradient reductions. ``items(BLOCK_T, BLOCK_C)``
-    counts the reduction steps and ``programs(BLOCK_C, BLOCK_I)`` the programs per split; SPLIT makes about 512
-    programs in all on a GPU (4 per SM of an H100), a few under the interpreter, where programs run one after
-    another anyway."""
+    counts the reduction steps and ``programs(BLOCK_C, BLOCK_I)`` the programs per split; SPLIT makes about
+    ``target`` programs in all on a GPU (the launcher passes ``REDUCTION_PROGRAMS_PER_SM`` per SM), a few under
+    the interpreter, where programs run one after another anyway."""
     block_c, block_i = channel_block(cout, 32), channel_block(cin, 32)
     block_t = frames_per_tile(VP, 128 if interpret else 64)
-    target = 4 if interpret else 512
+    target = 4 if interpret else target
     split = max(1, min(items(block_t, block_c), target // max(programs(block_c, block_i), 1), MAX_GRID_YZ))
     return block_c, block_i, block_t, split, 4
 
@@ -92,8 +112,6 @@ def _narrow(h, dtype: tl.constexpr, DOT_FP32: tl.constexpr):
         return h.to(dtype)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["CIN", "COUT", "V"],
-                 prune_configs_by={"early_config_prune": prune_fwd_configs})
 @triton.jit
 def graph_conv_fwd_kernel(
     x_ptr,  # (N, CIN, T, V) input, any strides
@@ -109,7 +127,6 @@ def graph_conv_fwd_kernel(
     VP: tl.constexpr,  # V padded to a power of two >= 16
     DOT_FP32: tl.constexpr,  # interpreter with bf16: tl.dot in fp32
     ALLOW_TF32: tl.constexpr,  # fp32 inputs may use TF32 tensor cores (torch's float32 matmul precision)
-    INTERPRET: tl.constexpr,  # running in Triton's interpreter (config pruning only)
     BLOCK_C: tl.constexpr,  # output channels per program
     BLOCK_I: tl.constexpr,  # input channels per tl.dot step
     BLOCK_T: tl.constexpr,  # frames per program
@@ -150,6 +167,12 @@ def graph_conv_fwd_kernel(
     ok = ((rc < COUT) & (rt < T))[:, None] & (vp[None, :] < V)
     dst = y_ptr + ((n * COUT + rc[:, None]) * T + rt[:, None]) * V + vp[None, :]
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# The same kernel autotuned over _fwd_configs() (opt-in: skelemix.ops._triton decides when).
+graph_conv_fwd_autotuned = triton.autotune(configs=_fwd_configs(), key=["CIN", "COUT", "V"],
+                                           prune_configs_by={"early_config_prune": prune_fwd_configs})(
+    graph_conv_fwd_kernel)
 
 
 @triton.jit

@@ -1,7 +1,8 @@
 """Triton kernels of ``skelemix::mask_pool`` (registered in :mod:`skelemix.ops._triton`).
 
 Forward: one program per (row b, block of channels) streams the ``T*V`` cells of its rows once and keeps two
-fp32 sums (inside and outside the mask). Backward: one program per (row, channel block, cell block) writes
+fp32 sums, inside and outside the mask (not the total minus the inside, which cancels when the inside dominates,
+as with post-ReLU features). Backward: one program per (row, channel block, cell block) writes
 ``grad[b, 0|1, c] / count`` into each cell. The per-mask True counts come from the launcher (one tiny torch
 reduction), so neither kernel has to recount the mask.
 """
@@ -42,19 +43,19 @@ def mask_pool_fwd_kernel(
     c_ok = c < C
     row = x_ptr + b * C * S + c.to(tl.int64)[:, None] * S
     inside = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    outside = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, S, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         s_ok = s < S
         m = tl.load(mask_ptr + g * S + s, mask=s_ok, other=0).to(tl.int1)
         v = tl.load(row + s[None, :], mask=c_ok[:, None] & s_ok[None, :], other=0.0).to(tl.float32)
-        total += tl.sum(v, axis=1)
         inside += tl.sum(tl.where(m[None, :], v, 0.0), axis=1)
+        outside += tl.sum(tl.where(m[None, :], 0.0, v), axis=1)
     n_in = tl.load(count_ptr + g)
     n_out = S - n_in
     # An empty region pools to 0: its sum is 0, so dividing by max(count, 1) gives 0.
     p = inside / tl.maximum(n_in, 1).to(tl.float32)
-    q = (total - inside) / tl.maximum(n_out, 1).to(tl.float32)
+    q = outside / tl.maximum(n_out, 1).to(tl.float32)
     dst = out_ptr + b * 2 * C + c
     tl.store(dst, p.to(out_ptr.dtype.element_ty), mask=c_ok)
     tl.store(dst + C, q.to(out_ptr.dtype.element_ty), mask=c_ok)

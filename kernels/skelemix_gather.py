@@ -49,6 +49,7 @@ def skelemix_gather_kernel(
     start = tl.load(span_ptr + group * 2)
     end = tl.load(span_ptr + group * 2 + 1)
     p = tl.load(partner_ptr + rn)
+    p = tl.where((p >= 0) & (p < N), p, n)  # unchecked values (check_values=False) must not read out of bounds
     t_block = (row % T) // block
     in_time = (t_block >= start) & (t_block < end)
     in_joints = tl.load(joints_ptr + group * V + col // M, mask=col_ok, other=0).to(tl.int1)

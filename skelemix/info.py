@@ -1,5 +1,10 @@
 """``python -m skelemix.info``: versions, what the compiled ops were built with, and which implementation
-``impl="auto"`` picks here. Paste its output into bug reports."""
+``impl="auto"`` picks here. Paste its output into bug reports.
+
+``--check`` also runs the self-check of every implementation present here (:mod:`skelemix.selfcheck`: each
+against the eager reference on small random inputs, forward and backward, for every floating dtype) and prints
+one table per device (the C++ ops on the CPU; the CUDA and Triton ones on a GPU) with the choice ``impl="auto"``
+makes from it. Exit status 1 when an implementation fails its check."""
 from __future__ import annotations
 
 import argparse
@@ -11,18 +16,22 @@ from . import cli
 
 
 def _auto_choice(device: str) -> str:
-    from .ops._impl import select
+    from .ops._impl import auto_candidates
 
-    # select() returns the entry it picks; with names as entries, it returns the name.
-    names = {name: name for name in ("eager", "cpp", "cuda", "triton")}
-    return select("info", "auto", torch.device(device), names)
+    names = auto_candidates(torch.device(device), ("eager", "cpp", "cuda", "triton"))
+    # For an op that has every implementation; ops/<op>.py lists what each op has.
+    if device == "cuda" and names[0] != "eager":
+        return f"{names[0]} (once its self-check passes on this GPU; else the next of {', '.join(names[1:])})"
+    return names[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m skelemix.info", description=__doc__)
+    parser.add_argument("--check", action="store_true",
+                        help="also check every implementation against the eager reference here and print the table")
     cli.add_debug_flag(parser)
     args = parser.parse_args(argv)
-    return cli.run(_report, debug=args.debug)
+    return cli.run(lambda: _report() or (_check() if args.check else 0), debug=args.debug)
 
 
 def _report() -> int:
@@ -52,11 +61,56 @@ def _report() -> int:
         lines.append(f"triton: {info['triton_version']} (TRITON_INTERPRET={int(info['triton_interpret'])})")
     else:
         lines.append(f"triton: no ({info['triton_error']})")
-    # For an op that has every implementation; ops/<op>.py lists what each op has.
     lines.append(f"impl=auto picks for CPU tensors: {_auto_choice('cpu')}")
     lines.append(f"impl=auto picks for CUDA tensors: {_auto_choice('cuda')}")
     print("\n".join(lines))
     return 0
+
+
+def _cell(value) -> str:
+    if isinstance(value, str):
+        return value
+    status = "pass" if value.ok else "FAIL"
+    return f"{status} {value.max_error:.1e}" if value.max_error != float("inf") else status
+
+
+def _check() -> int:
+    """The self-check table of every device here, printed one op at a time (a run cut short keeps what it
+    printed); 1 if any implementation failed."""
+    from . import _extension, selfcheck
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    dtypes = selfcheck.DTYPES
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    failures = []
+
+    def say(*lines):
+        print("\n".join(lines), flush=True)
+
+    for device in devices:
+        auto = ("impl=auto probes each before its first use" if device in selfcheck.PROBED_DEVICE_TYPES else
+                "impl=auto uses them unprobed: CI tests the CPU kernels")
+        say("", f"self-check on {device} ({selfcheck.device_name(selfcheck._normal(device))}): each implementation "
+            "against the eager reference on random inputs, forward and backward, with the largest error relative to "
+            f"the largest value; {auto}", "", "| op | impl | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names))
+        unavailable = {}
+        for op in selfcheck.OPS:
+            rows, picks = selfcheck.check_op(op, device, dtypes)
+            for row in rows:
+                say(f"| {op} | {row.impl} | " + " | ".join(_cell(row.cells[d]) for d in dtypes) + " |")
+                if row.why:
+                    unavailable[row.impl] = row.why
+                failures += [f"{op} impl={row.impl} {name} on {device}: {cell.error}" for d, name in zip(dtypes, names)
+                             if not isinstance(cell := row.cells[d], str) and not cell.ok]
+            say(f"| {op} | auto picks | " + " | ".join(picks[d] for d in dtypes) + " |")
+        if unavailable:
+            say("", *(f"{impl} unavailable: {why}" for impl, why in unavailable.items()))
+    if "cuda" not in devices:
+        say("", f"cuda: not checked: {_extension.available('cuda')[1]}")
+    if failures:
+        say("", "FAILED (a bug: please report it with this output):", *(f"  {f}" for f in failures))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -63,3 +63,70 @@ def test_gpu_parity_script_on_cpu_kernels():
     finally:
         sys.path.remove(str(REPO))
     assert gpu_parity.main(["--impl", "cpp", "--device", "cpu", "--dtype", "float32", "float64"]) == 0
+
+
+def bench_module(name):
+    sys.path.insert(0, str(REPO))
+    try:
+        import importlib
+
+        return importlib.import_module(f"bench.{name}")
+    finally:
+        sys.path.remove(str(REPO))
+
+
+def test_step_matrix_covers_every_switch_most_useful_first():
+    bench_model = bench_module("bench_model")
+    rows = bench_model.MATRIX
+    assert len(rows) == len(set(rows)) == 4 * 2 * 2 * 2
+    assert rows[0] == ("eager", "modules", "none", "off")  # the baseline
+    assert rows[1] == (bench_model.KERNELS, "modules", "none", "off")  # what impl=auto runs
+    compile_rows = [i for i, row in enumerate(rows) if row[0] == "compile"]
+    assert compile_rows == list(range(len(rows) - 8, len(rows)))  # last: each is a cold compile
+    assert rows[compile_rows[0]] == ("compile", "modules", "none", "off")  # the compile baseline first among them
+    graphs = [i for i, row in enumerate(rows) if row[3] == "on" and row[0] in (bench_model.KERNELS, "triton")]
+    assert min(graphs) > max(i for i, row in enumerate(rows) if row[3] == "off" and row[0] in (bench_model.KERNELS,
+                                                                                                   "triton"))
+
+
+def test_step_matrix_table():
+    report = bench_module("report")
+    env = {"device": "GPU", "torch": "x", "cuda": "13", "triton": "3", "size": "paper", "rounds": 10}
+    shapes = {"x": [128, 3, 64, 25, 2], "mixes": 3, "queue": 32768}
+
+    def row(impl, epilogue, amp, graph, median, peak=None, **extra):
+        return {"group": report.STEP_GROUP, "provider": "-".join((impl, epilogue, amp, graph)), "median_s": median,
+                "min_s": median, "shapes": shapes, "dtype": "bfloat16" if amp == "bf16" else "float32",
+                "bytes": 0, "flops": 4e12, "peak_bytes": peak,
+                "variant": dict(impl=impl, epilogue=epilogue, amp=amp, graph=graph), **extra}
+
+    results = [
+        {"group": "machine/matmul-float32", "provider": "eager", "median_s": 1.0, "min_s": 1.0, "shapes": {},
+         "dtype": "float32", "bytes": 0, "flops": 40e12},
+        {"group": "machine/matmul-bfloat16", "provider": "eager", "median_s": 1.0, "min_s": 1.0, "shapes": {},
+         "dtype": "bfloat16", "flops": 400e12, "bytes": 0},
+        row("eager", "modules", "none", "off", 0.4, 8 * 2**30),
+        row("cuda", "fused", "bf16", "on", 0.05, 3 * 2**30),
+        {"group": report.STEP_GROUP, "provider": "triton-fused-bf16-on", "error": "RuntimeError: boom",
+         "variant": dict(impl="triton", epilogue="fused", amp="bf16", graph="on")},
+        row("compile", "modules", "none", "off", 0.2),
+    ]
+    text = report.format_steps({"environment": env, "results": results})
+    # 128 samples / 0.05 s; 0.4 / 0.05 = 8x eager, 0.2 / 0.05 = 4x compile; floor 4e12 / 400e12 (bf16) = 10 ms,
+    # for float32 rows 4e12 / 40e12 = 100 ms.
+    assert "| cuda | fused | bf16 | on | 50.0 | 2560 | 8.00x | 4.00x | 3.00 | 5.0x floor |" in text
+    assert "| eager | modules | none | off | 400.0 | 320 | 1.00x | 0.50x | 8.00 | 4.0x floor |" in text
+    assert "| triton | fused | bf16 | on | failed: RuntimeError: boom |" in text
+    full = report.format_tables({"environment": env, "results": results})
+    assert text in full and "**model/SkeleMixCLR+ step**" not in full  # not twice
+
+
+def test_gpu_parity_reports_each_case_as_it_finishes():
+    from skelemix import _extension
+
+    if not _extension.HAS_CPP:
+        pytest.skip(f"needs the C++ extension: {_extension.LOAD_ERROR}")
+    import torch
+
+    cases = bench_module("gpu_parity").check("mask_pool", "cpp", torch.float32, "cpu")
+    assert next(cases).startswith("ok   mask_pool impl=cpp float32 ")  # one case done, the others not yet run

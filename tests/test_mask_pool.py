@@ -27,10 +27,14 @@ def test_ci_requires_cpp():
 
 
 def test_ci_requires_cuda_build():
+    """Without it a CUDA build that failed to load would skip every impl='cuda' test. No device marker: CI's
+    CUDA-build stage (no GPU) runs it too; bench/device_check.sh selects it by its node ID, first."""
     if os.environ.get("SKELEMIX_REQUIRE_CUDA_BUILD") != "1":
         pytest.skip("SKELEMIX_REQUIRE_CUDA_BUILD is not set")
     assert _extension.HAS_CUDA_KERNELS, (
         f"SKELEMIX_REQUIRE_CUDA_BUILD=1 but the CUDA kernels were not compiled: {_extension.available('cuda')[1]}")
+    if torch.cuda.is_available():  # on a GPU the kernels must also be usable
+        assert _extension.available("cuda") == (True, ""), _extension.available("cuda")[1]
 
 
 # ---------------------------------------------------------------------------------------------------- parity

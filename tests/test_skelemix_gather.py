@@ -272,6 +272,45 @@ def test_value_errors_cuda(changes, match):
     torch.cuda.synchronize()  # the context is still usable: no device-side assert fired
 
 
+@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
+def test_cpu_checks_values_even_when_told_not_to(impl):
+    """check_values=False skips what would synchronise with a GPU; on the host checking is free (and eager's
+    indexing needs it), so a bad partner still raises."""
+    changes, match = BAD_VALUES[0].values
+    with pytest.raises(ValueError, match=match):
+        skelemix_gather(*args_with(**changes), impl=impl, check_values=False)
+    for name, args in sample_inputs_skelemix_gather():
+        checked = skelemix_gather(*args, impl=impl)
+        for got, want in zip(skelemix_gather(*args, impl=impl, check_values=False), checked):
+            assert_bitwise_equal(got, want, f"{name} unchecked")
+
+
+@pytest.mark.needs_cuda
+def test_unchecked_values_do_not_synchronise_or_read_out_of_bounds():
+    """check_values=False (SkeleMix's own valid draws): no host synchronisation, which the checked call needs;
+    an invalid partner then copies the sample itself instead of reading outside x."""
+    require_impl("cuda")
+    x, partner, joints, span, block = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args_with()]
+    want = skelemix_gather(x, partner, joints, span, block, impl="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = skelemix_gather(x, partner, joints, span, block, impl="cuda", check_values=False)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            skelemix_gather(x, partner, joints, span, block, impl="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w, "unchecked")
+    bad = partner.clone()
+    bad[0, 1], bad[1, 2] = 4, -7
+    mixed, _ = skelemix_gather(x, bad, joints, span, block, impl="cuda", check_values=False)
+    fixed = bad.clone()
+    fixed[0, 1], fixed[1, 2] = 1, 2  # the samples themselves
+    assert_bitwise_equal(mixed, reference.skelemix_gather(x, fixed, joints, span, block)[0], "bad partner")
+    torch.cuda.synchronize()
+
+
 def test_non_tensor_arguments():
     x, partner, joints, span, block = args_with()
     with pytest.raises(TypeError, match="x, partner, joints and span must be tensors; got Tensor, list"):

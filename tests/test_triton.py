@@ -97,6 +97,22 @@ def test_mask_pool_low_precision(ops, device, dtype):
         assert_low_precision(*grads, 1e-3, f"{name} {dtype} backward")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_pool_small_outside_next_to_a_large_inside(ops, device):
+    """Post-ReLU features whose masked region dominates: the outside mean must come from its own sum. As the
+    total minus the inside, fp32 cancellation left it wrong by about ulp(total) / cells outside (~1e-2 here,
+    where the outside mean is ~1e-3)."""
+    B, C, T, V = 2, 8, 16, 25
+    mask = torch.ones(1, T, V, dtype=torch.bool, device=device)
+    mask[0, 0, :3] = False  # 3 cells outside, 397 inside
+    x = torch.randn(B, C, T, V, device=device).relu() * 1e-3
+    x = torch.where(mask, 1000.0 + 100.0 * torch.rand(B, C, T, V, device=device), x)
+    out = mask_pool(x, mask, impl="triton")
+    expected = reference.mask_pool(x.double(), mask).float()  # float64: no cancellation in the reference either
+    assert_close_verbose(out[:, 1], expected[:, 1], 1e-5, 1e-7, name="outside mean")
+    assert_close_verbose(out[:, 0], expected[:, 0], 1e-5, 1e-6, name="inside mean")
+
+
 @interpreted
 def test_mask_pool_double_backward(ops):
     x, mask = sample_inputs_mask_pool("cpu", torch.float32)[1].args
@@ -183,6 +199,24 @@ def test_gather_matches_reference_exactly(ops, device, dtype):
         assert torch.equal(mask, want_mask), f"{name}: mask"
         assert mixed.shape == want_mixed.shape and mixed.dtype == dtype, name
         assert torch.equal(mixed, want_mixed), f"{name}: {int((mixed != want_mixed).sum())} elements differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gather_unchecked_bad_partner_stays_in_bounds(device):
+    """skelemix.ops.skelemix_gather(..., check_values=False) skips the host check: an out-of-range partner then
+    copies the sample itself instead of reading outside x."""
+    from skelemix.ops import skelemix_gather
+
+    x, partner, joints, span, block = sample_inputs_gather(device)[0][1]
+    bad = partner.clone()
+    bad[0, 1], bad[0, 2] = 4, -3
+    mixed, mask = skelemix_gather(x, bad, joints, span, block, impl="triton", check_values=False)
+    fixed = bad.clone()
+    fixed[0, 1], fixed[0, 2] = 1, 2
+    want_mixed, want_mask = gather_reference(x, fixed, joints, span, block)
+    assert torch.equal(mixed, want_mixed) and torch.equal(mask, want_mask)
+    with pytest.raises(ValueError, match="partner must hold sample indices"):
+        skelemix_gather(x, bad, joints, span, block, impl="triton")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -679,3 +713,26 @@ def test_launch_settings_are_pure_and_bounded(ops):
     block_c, block_i, block_t, split, _ = kc.reduction_settings(32, 64, 64, lambda bt, bc: 1000, lambda bc, bi: 6,
                                                                 interpret=False)
     assert (block_c, block_i, block_t) == (32, 32, 2) and split == 512 // 6
+    assert kc.reduction_settings(32, 64, 64, lambda bt, bc: 1000, lambda bc, bi: 6, False, target=8 * 132)[3] == 176
+    # The fixed forward config (no autotuning): channel tiles fitted to the layer, within the register budget.
+    for cin, cout in ((3, 16), (16, 16), (64, 256), (256, 64)):
+        config = kc.fwd_config(32, cin, cout, interpret=False)
+        assert config["BLOCK_C"] == min(64, max(16, cout)) and config["BLOCK_I"] == min(32, max(16, cin))
+        assert kc.fits_registers(config["BLOCK_C"], config["BLOCK_T"], 32) and config["num_stages"] == 2
+    assert kc.fwd_config(32, 64, 256, interpret=False) == dict(BLOCK_C=64, BLOCK_I=32, BLOCK_T=4, num_warps=8,
+                                                               num_stages=2)
+
+
+def test_graph_conv_autotunes_only_when_asked(ops, monkeypatch):
+    x = torch.randn(2, 3)
+    monkeypatch.delenv(ops.AUTOTUNE_ENV, raising=False)
+    assert not ops._autotune(x)
+    monkeypatch.setenv(ops.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert ops._autotune(x)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        assert not ops._autotune(mode.from_tensor(x))  # inside a trace: the fixed config
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not ops._autotune(x)

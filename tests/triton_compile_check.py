@@ -46,11 +46,20 @@ for dt in ("fp32", "fp16", "bf16"):
                    out_ptr=p, **ints("N T M ROWS COLS block region_r region_n V")), dict(BLOCK_ROW=64, BLOCK_COL=64),
                    f"skelemix_gather {dt}", num_warps=8)
     flags = dict(DOT_FP32=False, ALLOW_TF32=dt == "fp32")
-    for config in kc._fwd_configs():  # every autotune config
+    # Every autotune config, then the fixed configs used without autotuning for the encoder's layers (forward
+    # and, channels swapped, the input gradient).
+    configs = [(c.kwargs, c.num_warps, c.num_stages) for c in kc._fwd_configs()]
+    for cin, cout in ((3, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64), (64, 256)):
+        for a, b in ((cin, cout), (cout, cin)):
+            config = kc.fwd_config(32, a, b, interpret=False)
+            warps, stages = config.pop("num_warps"), config.pop("num_stages")
+            if (config, warps, stages) not in configs:
+                configs.append((config, warps, stages))
+    for config, warps, stages in configs:
         compile_kernel(kc.graph_conv_fwd_kernel, dict(x_ptr=p, w_ptr=p, b_ptr=p, a_ptr=p, y_ptr=p, **ints(
             "N CIN COUT T V K s_xn s_xi s_xt s_xv s_wk s_wc s_wi s_ak s_av s_aw")),
-            dict(HAS_BIAS=True, VP=32, INTERPRET=False, **flags, **config.kwargs),
-            f"graph_conv_fwd {dt} {config}", num_warps=config.num_warps, num_stages=config.num_stages)
+            dict(HAS_BIAS=True, VP=32, **flags, **config), f"graph_conv_fwd {dt} {config} warps={warps}",
+            num_warps=warps, num_stages=stages)
     compile_kernel(kc.graph_conv_bwd_weight_kernel, dict(g_ptr=p, x_ptr=p, a_ptr=p, dw_ptr="*fp32", db_ptr="*fp32",
                    **ints("N CIN COUT T V K s_gn s_gc s_gt s_gv s_xn s_xi s_xt s_xv s_ak s_av s_aw SPLIT")),
                    dict(VP=32, BLOCK_C=32, BLOCK_I=32, BLOCK_T=2, **flags), f"graph_conv_bwd_weight {dt}", num_warps=4)

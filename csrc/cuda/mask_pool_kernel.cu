@@ -44,18 +44,26 @@ __global__ void mask_pool_forward_kernel_impl(const scalar_t* __restrict__ x, co
   }
 }
 
-// Elementwise over grad_x (rows * cells): each cell gets its region's grad / region size.
+// grad_x: each cell gets its region's grad / region size. Grid: y strides over the (b, c) rows, x over the
+// row's cells, so the per-row values (mask row, the two scaled grads) are computed once per row and the
+// per-element work is one mask load and a select: no 64-bit divisions per element.
 template <typename scalar_t, typename acc_t>
 __global__ void mask_pool_backward_kernel_impl(const scalar_t* __restrict__ grad, const bool* __restrict__ mask,
                                                const int64_t* __restrict__ count, scalar_t* __restrict__ grad_x,
-                                               int64_t n, int64_t C, int64_t cells, int64_t per_group) {
-  SKELEMIX_CUDA_1D_KERNEL_LOOP(i, n) {
-    const int64_t row = i / cells, j = i % cells;
+                                               int64_t rows, int64_t C, int64_t cells, int64_t per_group) {
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
     const int64_t b = row / C, c = row % C, g = b / per_group;
-    const bool inside = mask[g * cells + j];
-    const int64_t n_region = inside ? count[g] : cells - count[g];
-    const acc_t gv = static_cast<acc_t>(grad[(b * 2 + (inside ? 0 : 1)) * C + c]);
-    grad_x[i] = static_cast<scalar_t>(gv / static_cast<acc_t>(n_region > 0 ? n_region : 1));
+    const int64_t n_in = count[g], n_out = cells - n_in;
+    const scalar_t g_in = static_cast<scalar_t>(static_cast<acc_t>(grad[(b * 2) * C + c]) /
+                                                static_cast<acc_t>(n_in > 0 ? n_in : 1));
+    const scalar_t g_out = static_cast<scalar_t>(static_cast<acc_t>(grad[(b * 2 + 1) * C + c]) /
+                                                 static_cast<acc_t>(n_out > 0 ? n_out : 1));
+    const bool* m = mask + g * cells;
+    scalar_t* dst = grad_x + row * cells;
+    for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < cells;
+         j += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+      dst[j] = m[j] ? g_in : g_out;
+    }
   }
 }
 
@@ -92,15 +100,16 @@ at::Tensor mask_pool_backward_kernel(const at::Tensor& grad_, const at::Tensor& 
   // Autograd often passes expanded (stride-0) grads.
   const at::Tensor grad = grad_.contiguous(), mask = mask_.contiguous();
   const at::Tensor count = mask_true_counts(mask);
-  const int64_t n = grad_x.numel();
-  constexpr int threads = 256;
-  const unsigned int blocks = cuda::capped_blocks(n, threads);
+  const int64_t rows = B * C, cells = T * V;
+  const int threads = cuda::reduction_threads(cells);
+  // x covers a row's cells, y the rows (capped: the kernel strides over the rest).
+  const dim3 blocks(cuda::capped_blocks(cells, threads), cuda::capped_blocks(rows, 1));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "mask_pool_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     mask_pool_backward_kernel_impl<scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), count.const_data_ptr<int64_t>(),
-        grad_x.mutable_data_ptr<scalar_t>(), n, C, T * V, B / G);
+        grad_x.mutable_data_ptr<scalar_t>(), rows, C, cells, B / G);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_x;

@@ -3,7 +3,8 @@
 ``eager`` is the reference in :mod:`skelemix.reference`; ``cpp`` is the C++ CPU kernel and ``cuda`` the
 C++ CUDA kernel of the same ``torch.ops.skelemix`` op; ``triton`` is the ``triton_op``. Only ``auto``
 falls back: an explicitly requested implementation that is missing raises, naming what is missing and
-how to get it.
+how to get it. On CUDA, ``auto`` also skips an implementation until it has passed its self-check against the
+reference on this machine (:mod:`skelemix.selfcheck`); explicit choices run unchecked.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .. import _extension
+from .. import _extension, selfcheck
 
 IMPLS = ("auto", "eager", "cpp", "cuda", "triton")
 # What impl="auto" tries, best first, by the device of the inputs. On CUDA the C++ kernels come first: no GPU
@@ -47,17 +48,28 @@ def _usable(name: str, device: torch.device) -> bool:
     return _extension.available(name)[0]
 
 
-def select(op: str, impl: str, device: torch.device, implementations: Mapping[str, Callable],
-           dtype: torch.dtype | None = None) -> Callable:
-    """Return the function that runs ``op`` with ``impl`` for inputs on ``device`` (of ``dtype``)."""
+def _auto_may_use(name: str, device: torch.device, implementations, dtype) -> bool:
+    return (name != "eager" and name in implementations and dtype not in _AUTO_UNSUPPORTED.get(name, ())
+            and _usable(name, device))
+
+
+def auto_candidates(device: torch.device, implementations, dtype: torch.dtype | None = None) -> list[str]:
+    """The implementations ``impl="auto"`` may use for ``device`` and ``dtype``, best first, before their
+    self-checks; ``eager`` always comes last."""
+    names = [name for name in _AUTO_ORDER.get(device.type, ()) if _auto_may_use(name, device, implementations, dtype)]
+    return names + ["eager"]
+
+
+def choose(op: str, impl: str, device: torch.device, implementations: Mapping[str, Callable],
+           dtype: torch.dtype | None = None) -> str:
+    """The name of the implementation that runs ``op`` with ``impl`` for inputs on ``device`` (of ``dtype``)."""
     check_impl(impl)
-    if impl == "auto":
-        for name in _AUTO_ORDER.get(device.type, ("eager",)):
-            if dtype in _AUTO_UNSUPPORTED.get(name, ()):
-                continue
-            if name in implementations and _usable(name, device):
-                return implementations[name]
-        return implementations["eager"]
+    if impl == "auto":  # a plain loop that stops at the first usable name: torch.compile traces this
+        for name in _AUTO_ORDER.get(device.type, ()):
+            if (_auto_may_use(name, device, implementations, dtype)
+                    and selfcheck.trusted(op, name, device, dtype, implementations[name])):
+                return name
+        return "eager"
     if impl not in implementations:
         have = ", ".join(sorted(implementations))
         raise NotImplementedError(f"skelemix.ops.{op} has no impl={impl!r} yet; available: {have}")
@@ -67,4 +79,10 @@ def select(op: str, impl: str, device: torch.device, implementations: Mapping[st
     wanted = _DEVICE_OF_IMPL.get(impl)
     if wanted is not None and device.type != wanted and not (impl == "triton" and _extension.triton_interpret()):
         raise ValueError(f"skelemix.ops.{op}: impl={impl!r} runs on {wanted} tensors; got inputs on {device}")
-    return implementations[impl]
+    return impl
+
+
+def select(op: str, impl: str, device: torch.device, implementations: Mapping[str, Callable],
+           dtype: torch.dtype | None = None) -> Callable:
+    """Return the function that runs ``op`` with ``impl`` for inputs on ``device`` (of ``dtype``)."""
+    return implementations[choose(op, impl, device, implementations, dtype)]

@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -258,6 +259,29 @@ def _dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
+AUTOTUNE_ENV = "SKELEMIX_TRITON_AUTOTUNE"
+
+
+def _autotune(*tensors: torch.Tensor) -> bool:
+    """Whether graph_conv's forward autotunes: only when asked (``SKELEMIX_TRITON_AUTOTUNE=1``, as the op
+    benchmarks do), and never under the interpreter, inside a trace (fake or functional tensors) or inside a
+    CUDA graph capture (autotuning runs and times every config). Otherwise one config (``fwd_config``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return (os.environ.get(AUTOTUNE_ENV) == "1" and not _extension.triton_interpret()
+            and not torch.compiler.is_compiling()
+            and not any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+            and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _reduction_target(x: torch.Tensor) -> int:
+    """Programs the graph_conv gradient reductions aim at: ``REDUCTION_PROGRAMS_PER_SM`` per SM of x's GPU."""
+    kc = _kernels("graph_conv")
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    return kc.REDUCTION_PROGRAMS_PER_SM * sms
+
+
 def _register_graph_conv() -> None:
     import triton
     from torch.library import triton_op, wrap_triton
@@ -306,15 +330,19 @@ def _register_graph_conv() -> None:
         VP = kc.padded_joints(V)
         b = bias.contiguous() if bias is not None else y  # y: a dummy pointer, never read without a bias
         if not _no_data(x, weight, b, A, y):
+            if _autotune(x, weight, b, A, y):
+                kernel, config = kc.graph_conv_fwd_autotuned, {}
+            else:
+                kernel, config = fwd_kernel, kc.fwd_config(VP, Cin, Cout, _extension.triton_interpret())
+
             def grid(meta):
                 return N * triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(Cout, meta["BLOCK_C"])
 
             with _device(x):
-                wrap_triton(fwd_kernel)[grid](
+                wrap_triton(kernel)[grid](
                     x, weight, b, A, y, N, Cin, Cout, T, V, K, *x.stride(),
                     Cout * weight.stride(0), weight.stride(0), weight.stride(1), *A.stride(),
-                    HAS_BIAS=bias is not None, VP=VP, INTERPRET=_extension.triton_interpret(),
-                    **_dot_flags(x.dtype))
+                    HAS_BIAS=bias is not None, VP=VP, **_dot_flags(x.dtype), **config)
         return y.to(x.dtype)
 
     @triton_op("skelemix::_graph_conv_backward_weight_triton", mutates_args=(),
@@ -328,7 +356,8 @@ def _register_graph_conv() -> None:
         VP = kc.padded_joints(V)
         block_c, block_i, block_t, split, num_warps = kc.reduction_settings(
             VP, Cin, Cout, lambda bt, bc: N * triton.cdiv(T, bt),
-            lambda bc, bi: K * triton.cdiv(Cout, bc) * triton.cdiv(Cin, bi), _extension.triton_interpret())
+            lambda bc, bi: K * triton.cdiv(Cout, bc) * triton.cdiv(Cin, bi), _extension.triton_interpret(),
+            _reduction_target(x))
         programs = K * triton.cdiv(Cout, block_c) * triton.cdiv(Cin, block_i)
         dw = torch.zeros((split, K * Cout, Cin), dtype=torch.float32, device=x.device)
         db = torch.zeros((split, K * Cout), dtype=torch.float32, device=x.device)
@@ -350,7 +379,7 @@ def _register_graph_conv() -> None:
         VP = kc.padded_joints(V)
         block_c, block_i, block_t, split, num_warps = kc.reduction_settings(
             VP, Cin, Cout, lambda bt, bc: N * triton.cdiv(T, bt) * triton.cdiv(Cout, bc), lambda bc, bi: K,
-            _extension.triton_interpret())
+            _extension.triton_interpret(), _reduction_target(x))
         da = torch.zeros((split, K, V, V), dtype=torch.float32, device=x.device)
         b = bias.contiguous() if bias is not None else da
         if Cout and not _no_data(grad, x, weight, b, A, da):

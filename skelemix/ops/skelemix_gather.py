@@ -7,8 +7,11 @@ views, so its registered backward raises a clear error (``impl="eager"`` stays d
 Checks: shapes, dtypes and devices are checked by the wrapper, the fake kernel and the C++ kernels with the
 same messages. The values (partner in ``[0, N)``, spans in ``[0, ceil(T / block)]``) are data, so the fake
 kernel cannot see them: the C++ kernels check them on the host before touching x (on CUDA this is one small
-device-to-host copy of partner and span, a sync); for ``impl="eager"`` the wrapper checks them the same way,
-except while being traced by ``torch.compile``.
+device-to-host copy of partner and span, a sync); for ``impl="eager"`` and ``"triton"`` the wrapper checks them the
+same way, except while being traced by ``torch.compile``. ``check_values=False`` skips these checks where they
+would synchronise (every CUDA implementation), for callers whose values are valid by construction (SkeleMix's
+own draws): the CUDA and Triton kernels then still never read out of bounds (a bad partner copies the sample
+itself), but an invalid value gives an unspecified mix.
 """
 from __future__ import annotations
 
@@ -76,18 +79,20 @@ def _check_values(x, partner, span, block):
             raise ValueError(f"skelemix.ops.skelemix_gather: {message}")
 
 
-def _eager(x, partner, joints, span, block):
-    _check_values(x, partner, span, block)
+def _eager(x, partner, joints, span, block, check_values=True):
+    if check_values or x.device.type == "cpu":  # on the host checking costs no sync, and indexing needs it
+        _check_values(x, partner, span, block)
     return reference.skelemix_gather(x, partner, joints, span, block)
 
 
-def _triton_gather(x, partner, joints, span, block):
-    _check_values(x, partner, span, block)  # the Triton kernel reads indices unchecked
+def _triton_gather(x, partner, joints, span, block, check_values=True):
+    if check_values:
+        _check_values(x, partner, span, block)
     return _triton.skelemix_gather(x, partner, joints, span, block)
 
 
-def _cpp(x, partner, joints, span, block):
-    return torch.ops.skelemix.skelemix_gather(x, partner, joints, span, block)
+def _cpp(x, partner, joints, span, block, check_values=True):
+    return torch.ops.skelemix.skelemix_gather(x, partner, joints, span, block, check_values)
 
 
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
@@ -96,7 +101,7 @@ _IMPLEMENTATIONS = {"eager": _eager, "cpp": _cpp, "cuda": _cpp, "triton": _trito
 
 
 def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor, block: int,
-                    impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                    impl: str = "auto", check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Build ``R`` SkeleMix batches from ``x`` in one pass.
 
     Args:
@@ -106,6 +111,9 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
         span: ``(R, G, 2)`` int64 ``[start, end)`` in blocks; ``(R, 2)`` is short for ``G == 1``.
         block: frames per block (the encoder's temporal stride), ``>= 1``.
         impl: ``auto`` (C++ on CPU when built, else eager), ``eager``, ``cpp``, ``cuda`` or ``triton``.
+        check_values: check that partner and span hold valid values (on CUDA a small copy to the host, which
+            waits for the device). False skips that for values valid by construction; the kernels then still
+            stay in bounds, but invalid values give an unspecified mix.
 
     Returns:
         ``(mixed, mask)``: ``(R * N, C, T, V, M)`` in the dtype of ``x`` and ``(R, N, ceil(T / block), V)`` bool;
@@ -122,12 +130,13 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
     for ok, exc, message in _checks(x, partner, joints, span, block):
         if not ok:
             raise exc(f"skelemix.ops.skelemix_gather: {message()}")
-    return select("skelemix_gather", impl, x.device, _IMPLEMENTATIONS)(x, partner, joints, span, block)
+    fn = select("skelemix_gather", impl, x.device, _IMPLEMENTATIONS, x.dtype)
+    return fn(x, partner, joints, span, block, bool(check_values))
 
 
 def _register() -> None:
     @torch.library.register_fake("skelemix::skelemix_gather")
-    def _(x, partner, joints, span, block):
+    def _(x, partner, joints, span, block, check_values=True):
         for ok, _, message in _checks(x, partner, joints, span, block):
             torch._check(ok, lambda message=message: f"skelemix::skelemix_gather: {message()}")
         N, C, T, V, M = x.shape

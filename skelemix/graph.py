@@ -148,7 +148,7 @@ def _parse(spec, source: str) -> Layout:
     for key in spec:
         if key not in _KEYS:
             hint = difflib.get_close_matches(str(key), _KEYS, n=1)
-            fail(_short(key), "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else
+            fail(key if isinstance(key, str) and key.isprintable() else _short(key), "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else
                                                f"; expected {', '.join(_KEYS)}"))
     for key in ("name", "joints", "center", "edges", "parts"):
         if key not in spec:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import cli, ops
 from .augment import to_view
 from .data.errors import DataFormatError, check_name
-from .data.prepared import channels_of
+from .data.prepared import channels_of, read_rows
 from .graph import Layout, get_layout
 
 PLOT_POINTS = 5000  # samples drawn in embedding.png (a random subset of larger inputs: t-SNE is quadratic)
@@ -126,7 +126,7 @@ def _prepared_source(encoder: Encoder, root: str, split: str) -> Source:
     def batches(size):
         for start in range(0, len(ds), size):
             stop = min(start + size, len(ds))
-            data = np.asarray(ds.data[start:stop], dtype=np.float32)
+            data = read_rows(ds.data, start, stop)  # through the file: the split's pages do not pile up
             yield [(names[i], int(ds.labels[i]), data[i - start]) for i in range(start, stop)]
 
     return Source(f"{root} ({split})", len(ds), list(ds.meta["classes"]), batches,

@@ -15,7 +15,9 @@ import torch
 import skelemix
 from skelemix import embed, train
 from skelemix.checkpoint import export_official
-from skelemix.data import PreparedDataset, write_synthetic
+from numpy.lib.format import open_memmap
+
+from skelemix.data import PreparedDataset, write_meta, write_synthetic
 from skelemix.data.ntu import prepare_ntu
 from skelemix.data.nwucla import prepare_nwucla
 from skelemix.embed import main
@@ -126,7 +128,14 @@ def test_embedding_a_prepared_split_in_batches(checkpoint, tmp_path, capsys):
     assert not list((tmp_path / "e").glob("*.tmp"))
 
 
+def _rss() -> int:
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the resident set size from /proc")
 def test_memory_stays_flat_as_the_input_grows(checkpoint, tmp_path):
+    """8 times the samples: the same peak of Python allocations (batches in, a memory-mapped output), and the
+    split's pages are read through the file, not left mapped: a 61 MB split adds nothing resident."""
     peaks = {}
     for n in (48, 384):
         write_synthetic(tmp_path / f"s{n}", 2, n, frames=16, seed=0)
@@ -136,8 +145,22 @@ def test_memory_stays_flat_as_the_input_grows(checkpoint, tmp_path):
         embed.embed(encoder, source, tmp_path / f"e{n}", batch_size=16, progress=False)
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    # 8 times the samples: the same batches, a memory-mapped output; only names and labels grow.
     assert peaks[384] < 1.5 * peaks[48], peaks
+    for n in (128, 1600):  # the small split warms up the allocations of batches of 64 x 64 frames
+        root = tmp_path / f"b{n}"
+        root.mkdir()
+        data = open_memmap(root / "val_data.npy", "w+", np.float32, (n, 3, 64, 25, 2))
+        for start in range(0, n, 200):
+            data[start:start + 200] = np.random.default_rng(start).normal(size=(min(200, n - start), 3, 64, 25, 2))
+        data.flush()
+        del data
+        np.save(root / "val_label.npy", np.zeros(n, np.int64))
+        write_meta(root, dataset="test", layout="ntu-rgb+d", classes=["a"], frames=64, bodies=2, splits={"val": n})
+        source = embed._prepared_source(encoder, str(root), "val")
+        before = _rss()
+        embed.embed(encoder, source, tmp_path / f"e_b{n}", batch_size=64, progress=False)
+    grown = _rss() - before
+    assert grown < 40 << 20, f"{grown >> 20} MB more resident after reading a 61 MB split"
 
 
 def test_raw_ntu_files_are_prepared_as_the_training_data_was(tmp_path, capsys):
@@ -267,6 +290,8 @@ def test_bad_inputs_end_in_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         main([*ck, "--data", "x", "--batch-size", "0"])
     assert exit_.value.code == 2
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback instead of the line
+        main(["--checkpoint", str(tmp_path / "none.pt"), "--data", "x", "--out", "o", "--debug"])
 
 
 # ----------------------------------------------------------------------------------------------- README

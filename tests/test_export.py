@@ -114,6 +114,9 @@ def test_export_errors_are_one_line(bone_checkpoint, tmp_path, capsys, monkeypat
     assert export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"),
                         "--format", "pt2"]) == 2
     assert capsys.readouterr().err.startswith(f"error: checkpoint not found: {tmp_path / 'missing.pt'}")
+    with pytest.raises(FileNotFoundError):  # --debug: the traceback instead of the line
+        export.main(["--checkpoint", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"), "--format", "pt2",
+                     "--debug"])
     with pytest.raises(SystemExit) as exit_:
         export.main(["--checkpoint", str(bone_checkpoint), "--out", str(tmp_path / "o"), "--opset", "16"])
     assert exit_.value.code == 2 and "--opset must be >= 17" in capsys.readouterr().err

@@ -135,6 +135,25 @@ def check_finite(data: np.ndarray, path: str | os.PathLike, split: str) -> None:
                                   "dataset again from its raw files")
 
 
+def read_rows(data: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a split as a new array. A memory map is read through its file (as
+    :func:`check_finite` does), so the rows read do not stay mapped in this process: reading a whole split in
+    batches keeps memory flat."""
+    if not (isinstance(data, np.memmap) and data.flags.c_contiguous):
+        return np.array(data[start:stop])
+    out = np.empty((max(0, min(stop, len(data)) - start),) + data.shape[1:], data.dtype)
+    view = memoryview(out.reshape(-1)).cast("B")
+    with open(data.filename, "rb", buffering=0) as f:
+        f.seek(data.offset + start * (out.nbytes // max(len(out), 1)))
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise DataFormatError(data.filename, f"the file ends before row {stop} (truncated?)")
+            done += n
+    return out
+
+
 class ArrayDataset(Dataset):
     """Skeleton arrays ``(N, C, T, V, M)`` with labels; ``dataset[i]`` is ``(float32 tensor (C, T, V, M), int
     label)`` (augmentation happens later, batched on the device). ``indices`` restricts it to a subset (e.g.

@@ -398,7 +398,7 @@ def _load_sequences(args) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
                                     "`python -m skelemix.data`) or 'synthetic'")
         ds = PreparedDataset(root, args.split)
         classes, source = list(ds.meta["classes"]), f"{root} ({args.split})"
-        pick = lambda i: (np.asarray(ds.data[ds.indices[i]], dtype=np.float32), int(ds.targets[i]))  # noqa: E731
+        pick = lambda i: (np.array(ds.data[ds.indices[i]], dtype=np.float32), int(ds.targets[i]))  # noqa: E731
         size, layout, channels = len(ds), get_layout(ds.meta["layout"]), channels_of(ds.meta, root / "meta.json")
     if not 0 <= args.index < size:
         raise ValueError(f"--index {args.index} is outside the {size} samples of {source}")

@@ -326,3 +326,22 @@ def test_the_readme_section_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "runs/demo/embed/embedding.png").is_file()
     assert np.load("runs/demo/embed_raw/features.npy").shape == (3, 16)
     assert {p.name for p in Path("runs/demo/export").iterdir()} == {"encoder.onnx", "encoder.pt2", "export.json"}
+
+
+@pytest.mark.needs_data
+def test_real_files_embed_like_their_prepared_dataset(checkpoint, shared_data, tmp_path, capsys):
+    """The NTU sample files, raw and prepared by `python -m skelemix.data prepare ntu60` with the settings the
+    checkpoint records (here none: the defaults at the encoder's 16 frames)."""
+    prepare_ntu(shared_data / "ntu", tmp_path / "ntu", frames=16, workers=1, progress=False)
+    for split in ("train", "val"):
+        assert main(["--checkpoint", str(checkpoint), "--data", str(tmp_path / "ntu" / "xview"), "--split", split,
+                     "--out", str(tmp_path / f"p_{split}"), "--no-progress"]) == 0
+    assert main(["--checkpoint", str(checkpoint), "--raw", str(shared_data / "ntu"), "--out", str(tmp_path / "raw"),
+                 "--no-progress", "--workers", "2"]) == 0
+    names = (tmp_path / "raw" / "names.txt").read_text().split()
+    features = np.load(tmp_path / "raw" / "features.npy")
+    for split in ("train", "val"):
+        rows = [names.index(n) for n in (tmp_path / f"p_{split}" / "names.txt").read_text().split()]
+        np.testing.assert_allclose(features[rows], np.load(tmp_path / f"p_{split}" / "features.npy"), rtol=0,
+                                   atol=1e-5)
+    assert np.load(tmp_path / "raw" / "labels.npy").tolist() == [int(n[-3:]) - 1 for n in names]

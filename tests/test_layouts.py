@@ -364,3 +364,14 @@ def test_layout_cli_of_prepare_takes_files_and_refuses_others(tmp_path, capsys):
     assert data_main(["prepare", "pyskl", "--raw", str(path), "--out", str(tmp_path / "o3"), "--layout",
                       "nw-ucla"]) == 1
     assert "wrong joint count: expected 20 (layout nw-ucla), found 17" in capsys.readouterr().err
+
+
+@pytest.mark.needs_data
+def test_viz_mix_draws_prepared_nwucla(shared_data, tmp_path, capsys):
+    """The 20-joint NW-UCLA set used to crash `viz mix` (its mixer assumed NTU's 25 joints)."""
+    from skelemix.data.nwucla import prepare_nwucla
+
+    prepare_nwucla(shared_data / "nw-ucla", tmp_path / "ucla", frames=32, workers=2, progress=False)
+    assert viz.main(["mix", "--data", str(tmp_path / "ucla"), "--out", str(tmp_path / "viz"), "--frames", "4",
+                     "--step", "8"]) == 0
+    assert "SkeleMix (nw-ucla)" in capsys.readouterr().out and (tmp_path / "viz" / "mix.png").is_file()

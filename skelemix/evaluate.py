@@ -43,8 +43,8 @@ from .augment import VIEWS, pretrain_augment, to_view
 from .checkpoint import (CLASSIFIER_FORMAT, PRETRAIN_FORMAT, CheckpointError, load_checkpoint, load_official,
                          require_parts, save_checkpoint)
 from .config import Config, build_config, load_yaml, make_encoder, resolve_device, with_data_input
-from .models import VARIANTS, init_weights
 from .data.prepared import coordinates, recipe
+from .models import VARIANTS, init_weights
 from .probe import balanced_subset, extract_features, knn_scores, topk_accuracy, train_linear
 
 MODES = ("linear", "knn", "finetune", "semi", "ensemble")

@@ -268,11 +268,11 @@ def _pyskl_source(encoder: Encoder, path: str, split: str | None) -> Source:
     if not anns:
         raise DataFormatError(path, "no annotations" + (f" in split {split!r}" if split else ""))
     first = anns[0]
-    channels = ",".join(pyskl.channel_names(first["keypoint"].shape[3], first.get("keypoint_score") is not None))
+    channels = ",".join(pyskl.channel_names(first["keypoint"].shape[3], pyskl.score_of(first) is not None))
     _check_fits(encoder, encoder.layout, channels, path)
     for k, a in enumerate(anns):
-        if (a["keypoint"].shape[3], a.get("keypoint_score") is not None) != (first["keypoint"].shape[3],
-                                                                            first.get("keypoint_score") is not None):
+        if (a["keypoint"].shape[3], pyskl.score_of(a) is not None) != (first["keypoint"].shape[3],
+                                                                      pyskl.score_of(first) is not None):
             raise DataFormatError(path, f"annotation {k} ({a['frame_dir']!r}): its channels differ from the first's "
                                   f"({channels})")
     names = [check_name(a["frame_dir"], path, "sample name") for a in anns]
@@ -285,7 +285,7 @@ def _pyskl_source(encoder: Encoder, path: str, split: str | None) -> Source:
         for start in range(0, len(anns), size):
             batch = []
             for i in range(start, min(start + size, len(anns))):
-                payload = (anns[i]["keypoint"], anns[i].get("keypoint_score"))
+                payload = (anns[i]["keypoint"], pyskl.score_of(anns[i]))
                 batch.append((names[i], int(anns[i]["label"]), _prepare_one(pyskl._task, options, path, payload)))
             yield batch
 
@@ -422,6 +422,10 @@ def run(args) -> dict:
         source = _raw_source(encoder, args.raw, args.workers)
     else:
         source = _pyskl_source(encoder, args.pyskl, args.split)
+    if args.data is None and encoder.recipe is None:
+        print(f"note: {encoder.path or 'the encoder'} does not record how its training data was prepared (generated "
+              f"data, or an official checkpoint): the converter's defaults are used, at {encoder.frames} frames",
+              flush=True)
     print(f"embedding {source.description} with {encoder.path or 'a randomly initialised encoder'} "
           f"({encoder.layout.name}, {encoder.channels}, {encoder.view} view, {encoder.feature_dim}-d) on {device}",
           flush=True)

@@ -83,14 +83,16 @@ class Layout:
                 self._invalid(f"edges[{k}]: joint {names[child]!r} has a second parent ({names[parent[child]]!r} and "
                               f"{names[par]!r}): the edges must form a tree")
             parent[child] = par
-        for start in range(V):  # every joint reaches the root: no cycles, nothing detached
-            j, seen = start, []
-            while j != self.root:
-                if j in seen:
-                    cycle = " -> ".join(names[i] for i in seen[seen.index(j):] + [j])
+        reaches_root = {self.root}  # every joint must: no cycles (each joint is walked once, so a file of
+        for start in range(V):      # MAX_JOINTS joints in one long chain is checked as fast as a small one)
+            path, j = [], start
+            while j not in reaches_root:
+                if j in path:
+                    cycle = " -> ".join(names[i] for i in path[path.index(j):] + [j])
                     self._invalid(f"edges: the cycle {cycle} never reaches the center {names[self.root]!r}")
-                seen.append(j)
+                path.append(j)
                 j = parent[j]
+            reaches_root.update(path)
         if len(set(self.origin)) != len(self.origin):
             self._invalid("origin: expected distinct joints")
         if self.x_axis is not None and (len(self.x_axis) != 2 or self.x_axis[0] == self.x_axis[1]):

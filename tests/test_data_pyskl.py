@@ -79,7 +79,6 @@ def test_restricted_unpickler_loads_arrays_and_refuses_code(tmp_path):
     (lambda a: a.update(keypoint=np.zeros((1, 5, 17, 4), np.float32)), r"4 coordinates; expected 2 \(x, y\) or 3"),
     (lambda a: a.update(keypoint=np.zeros((1, 5, 18, 3), np.float32)),
      r"wrong joint count: expected 17 \(coco-17\) or 20 \(nw-ucla\) or 25 \(ntu-rgb\+d\) \(or pass a layout file\)"),
-    (lambda a: a.update(keypoint_score=np.ones((1, 5, 25), np.float32)), "'keypoint_score' goes with 2-D keypoints"),
     (lambda a: a.update(keypoint=np.ones((1, 5, 25, 2), np.float32), keypoint_score=np.ones((1, 5, 24), np.float32)),
      r"'keypoint_score' must be a float array of the keypoints' \(M, T, V\) = \(1, 5, 25\); got \(1, 5, 24\)"),
     (lambda a: a.update(total_frames=6), "total_frames is 6 but the keypoints have 5"),

@@ -169,6 +169,20 @@ def test_joint_indices_and_counts_work_like_names(tmp_path):
     assert layout.x_axis is None and layout.joint_names == ("0", "1", "2", "3")
 
 
+def test_a_thousand_joint_chain_is_checked_quickly(tmp_path):
+    import time
+
+    V = 1000  # the most joints a file may name, in the slowest shape to check: one chain ending at the center
+    spec = {"name": "chain", "joints": [f"j{k}" for k in range(V)], "center": f"j{V - 1}",
+            "edges": [[f"j{k}", f"j{k + 1}"] for k in range(V - 1)], "parts": {"all": [f"j{k}" for k in range(V)]}}
+    start = time.perf_counter()
+    layout = load_layout(_write(tmp_path / "chain.yaml", spec))
+    assert layout.num_joints == V and time.perf_counter() - start < 5
+    spec["joints"].append("one too many")
+    with pytest.raises(LayoutError, match="joints: expected a list of 1 to 1000 joint names"):
+        load_layout(_write(tmp_path / "chain.yaml", spec))
+
+
 def test_a_layout_file_in_the_config_is_held_as_its_mapping(tmp_path, capsys):
     spec = _coco_spec(name="coco-3parts", parts={"upper": list(COCO.joint_names[:11]),
                                                  "left_leg": ["left_hip", "left_knee", "left_ankle"],
@@ -231,6 +245,18 @@ def test_2d_preprocessing_centres_on_the_origin_and_never_rotates():
     np.testing.assert_allclose(out[2, :, :, 0], resize_time(window[2:], 16)[0], rtol=1e-6)  # the score: resized only
     with pytest.raises(ValueError, match=r"expected a \(2 or 3, T, V, M\) sequence \(x, y and maybe a score\)"):
         preprocess(np.zeros((4, 5, 17, 1)), coords=2)
+
+
+def test_a_score_next_to_3d_keypoints_is_not_an_input_channel(tmp_path):
+    from skelemix.data.pyskl import prepare_pyskl
+
+    rng = np.random.default_rng(0)
+    anns = [{"frame_dir": f"s{i}", "label": 0, "keypoint": rng.normal(size=(1, 6, 25, 3)).astype(np.float32),
+             "keypoint_score": np.ones((1, 6, 25), np.float16)} for i in range(2)]
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps({"split": {"train": ["s0", "s1"]}, "annotations": anns}))
+    prepare_pyskl(tmp_path / "a.pkl", tmp_path / "o", frames=8, progress=False)
+    ds = PreparedDataset(tmp_path / "o", "train")
+    assert ds.meta["channels"] == ["x", "y", "z"] and ds.data.shape == (2, 3, 8, 25, 1)
 
 
 def coco_pickle(path, n=24, seed=0, frames=(14, 22)):

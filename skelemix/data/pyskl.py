@@ -2,7 +2,8 @@
 
 A PYSKL file is ``{"split": {name: [frame_dir, ...]}, "annotations": [{"frame_dir", "label",
 "keypoint" (M, T, V, C), "total_frames", ...}]}``: 3-D keypoints (C = 3, x y z) or 2-D ones (C = 2, x y,
-usually with ``"keypoint_score" (M, T, V)``, which becomes a third input channel). It is read with the
+usually with ``"keypoint_score" (M, T, V)``, which becomes a third input channel; next to 3-D keypoints a
+score is not used). It is read with the
 restricted unpickler (plain containers and numpy arrays only; the file's content is never executed). Split
 names ``<benchmark>_<split>`` (``xsub_train``, ``xview_val``, ...) become ``out/<benchmark>/<split>``;
 unprefixed names (``train``) make one dataset in ``out``. Split names and ``frame_dir`` become file names and
@@ -67,10 +68,8 @@ def read_pyskl(path, layout: str | dict | Layout | None = None) -> dict:
             expected = f"{joints} (layout {get_layout(layout).name})" if joints is not None else \
                 f"{_EXPECTED} (or pass a layout file)"
             raise DataFormatError(path, f"{where}: wrong joint count: expected {expected}, found {V}")
-        score = ann.get("keypoint_score")
+        score = score_of(ann)
         if score is not None:
-            if C != 2:
-                raise DataFormatError(path, f"{where}: 'keypoint_score' goes with 2-D keypoints; these have C = {C}")
             if not isinstance(score, np.ndarray) or score.shape != (M, T, V) \
                     or not np.issubdtype(score.dtype, np.floating):
                 raise DataFormatError(path, f"{where}: 'keypoint_score' must be a float array of the keypoints' "
@@ -91,6 +90,11 @@ def read_pyskl(path, layout: str | dict | Layout | None = None) -> dict:
         if not isinstance(ann["label"], (int, np.integer)) or ann["label"] < 0:
             raise DataFormatError(path, f"{where}: label must be an integer >= 0; got {quote(ann['label'])}")
     return data
+
+
+def score_of(ann: dict):
+    """The detection scores that become an input channel: ``keypoint_score`` of 2-D keypoints (None otherwise)."""
+    return ann.get("keypoint_score") if ann["keypoint"].shape[3] == 2 else None
 
 
 def _task(job, options):
@@ -128,12 +132,12 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
     for what, kinds in (("joint counts", {a["keypoint"].shape[2] for a in anns}),
                         ("2-D and 3-D keypoints", {a["keypoint"].shape[3] for a in anns}),
                         ("annotations with and without keypoint_score",
-                         {a.get("keypoint_score") is not None for a in anns})):
+                         {score_of(a) is not None for a in anns})):
         if len(kinds) != 1:
             raise DataFormatError(pkl, f"annotations mix {what}" + (f" {sorted(kinds)}" if what == "joint counts"
                                                                      else ""))
     _, _, V, coords = anns[0]["keypoint"].shape
-    score = anns[0].get("keypoint_score") is not None
+    score = score_of(anns[0]) is not None
     layout = given or _BY_JOINTS[V]
     bodies = max(a["keypoint"].shape[0] for a in anns)
     where = {}
@@ -152,7 +156,7 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
         if not splits:
             unsplit += 1
             continue
-        jobs.append(Job(str(pkl), [len(candidates)], (ann["keypoint"], ann.get("keypoint_score"))))  # key: the file
+        jobs.append(Job(str(pkl), [len(candidates)], (ann["keypoint"], score_of(ann))))  # key: the file
         candidates.append(Candidate(ann["frame_dir"], int(ann["label"]), splits))
     if unsplit:
         print(f"note: {unsplit} annotations are in no split and were left out")

@@ -16,6 +16,7 @@ from skelemix import evaluate, export, train, viz
 from skelemix.augment import draw_augment, shear
 from skelemix.config import ConfigError, build_config, with_data_input
 from skelemix.data import PreparedDataset, nwucla, write_meta, write_split
+from skelemix.data.errors import DataFormatError
 from skelemix.data.__main__ import main as data_main
 from skelemix.data.preprocess import preprocess
 from skelemix.embed import main as embed_main
@@ -245,6 +246,21 @@ def test_2d_preprocessing_centres_on_the_origin_and_never_rotates():
     np.testing.assert_allclose(out[2, :, :, 0], resize_time(window[2:], 16)[0], rtol=1e-6)  # the score: resized only
     with pytest.raises(ValueError, match=r"expected a \(2 or 3, T, V, M\) sequence \(x, y and maybe a score\)"):
         preprocess(np.zeros((4, 5, 17, 1)), coords=2)
+
+
+def test_a_pickle_mixing_kinds_of_keypoints_is_refused(tmp_path):
+    from skelemix.data.pyskl import prepare_pyskl
+
+    coco_pickle(tmp_path / "a.pkl", n=3)
+    data = pickle.loads((tmp_path / "a.pkl").read_bytes())
+    del data["annotations"][1]["keypoint_score"]
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps(data))
+    with pytest.raises(DataFormatError, match=r"a\.pkl: annotations mix 2-D keypoints with and without keypoint_score"):
+        prepare_pyskl(tmp_path / "a.pkl", tmp_path / "o", progress=False)
+    data["annotations"][1].update(keypoint=np.ones((1, 5, 17, 3), np.float32), total_frames=5)
+    (tmp_path / "a.pkl").write_bytes(pickle.dumps(data))
+    with pytest.raises(DataFormatError, match=r"a\.pkl: annotations mix 2-D and 3-D keypoints"):
+        prepare_pyskl(tmp_path / "a.pkl", tmp_path / "o", progress=False)
 
 
 def test_a_score_next_to_3d_keypoints_is_not_an_input_channel(tmp_path):

@@ -131,7 +131,7 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
         raise DataFormatError(pkl, "no annotations")
     for what, kinds in (("joint counts", {a["keypoint"].shape[2] for a in anns}),
                         ("2-D and 3-D keypoints", {a["keypoint"].shape[3] for a in anns}),
-                        ("annotations with and without keypoint_score",
+                        ("2-D keypoints with and without keypoint_score",
                          {score_of(a) is not None for a in anns})):
         if len(kinds) != 1:
             raise DataFormatError(pkl, f"annotations mix {what}" + (f" {sorted(kinds)}" if what == "joint counts"

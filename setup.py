@@ -186,10 +186,13 @@ setup(
     packages=find_packages(include=["skelemix", "skelemix.*"]) + ["skelemix.kernels"],
     # Triton kernels live in kernels/ but install inside the package: PyPI already has a `kernels`.
     package_dir={"skelemix.kernels": "kernels"},
-    package_data={"skelemix": ["configs/*.yaml"]},
+    package_data={"skelemix": ["configs/*.yaml", "layouts/*.yaml"]},
     # torch is required but deliberately not listed: see the module docstring.
     install_requires=["numpy", "pyyaml", "tqdm", "matplotlib", "tensorboard"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"]},
+    # export: python -m skelemix.export --format onnx (onnxscript is what torch.onnx's exporter needs, onnxruntime
+    # checks the exported file); embed: t-SNE pictures (python -m skelemix.embed --plot tsne).
+    extras_require={"test": ["pytest", "pytest-benchmark"], "triton": ["triton"],
+                    "export": ["onnx", "onnxscript", "onnxruntime"], "embed": ["scikit-learn"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options=options,

@@ -26,12 +26,23 @@ def _check_batch(x: torch.Tensor, name: str = "x"):
         raise TypeError(f"{name} must be a floating tensor; got {x.dtype}")
 
 
-def draw_shear(n: int, amplitude: float = 0.5, generator=None) -> torch.Tensor:
-    """The ``(n, 3, 3)`` float32 matrices of :func:`shear` (on the host)."""
-    ab = (torch.rand(n, 2, 3, generator=generator) * 2 - 1) * amplitude  # [:, 0] = a0..a2, [:, 1] = b0..b2
-    S = torch.eye(3).repeat(n, 1, 1)
-    S[:, 0, 1], S[:, 1, 0], S[:, 2, 0] = ab[:, 0, 0], ab[:, 0, 1], ab[:, 0, 2]
-    S[:, 0, 2], S[:, 1, 2], S[:, 2, 1] = ab[:, 1, 0], ab[:, 1, 1], ab[:, 1, 2]
+def draw_shear(n: int, amplitude: float = 0.5, generator=None, coords: int = 3, channels: int | None = None
+               ) -> torch.Tensor:
+    """The ``(n, C, C)`` float32 matrices of :func:`shear` (on the host): the ``coords x coords`` shear of the
+    coordinates, and the identity for ``channels - coords`` further channels (a detection score), which it
+    leaves as they are. ``C = channels``, by default ``coords``."""
+    channels = coords if channels is None else channels
+    if coords not in (2, 3) or channels < coords:
+        raise ValueError(f"shear takes 2 or 3 coordinates per joint, then other channels; got coords={coords} of "
+                         f"{channels} channels")
+    S = torch.eye(channels).repeat(n, 1, 1)
+    if coords == 3:
+        ab = (torch.rand(n, 2, 3, generator=generator) * 2 - 1) * amplitude  # [:, 0] = a0..a2, [:, 1] = b0..b2
+        S[:, 0, 1], S[:, 1, 0], S[:, 2, 0] = ab[:, 0, 0], ab[:, 0, 1], ab[:, 0, 2]
+        S[:, 0, 2], S[:, 1, 2], S[:, 2, 1] = ab[:, 1, 0], ab[:, 1, 1], ab[:, 1, 2]
+    else:  # the x-y block of the 3-D matrix: [[1, a0], [a1, 1]]
+        a = (torch.rand(n, 2, generator=generator) * 2 - 1) * amplitude
+        S[:, 0, 1], S[:, 1, 0] = a[:, 0], a[:, 1]
     return S
 
 
@@ -40,17 +51,24 @@ def apply_shear(x: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ncj,njtvm->nctvm", S.to(x), x)
 
 
-def shear(x: torch.Tensor, amplitude: float = 0.5, generator=None) -> torch.Tensor:
-    """``x'[c] = sum_j S[c, j] x[j]`` with ``S = [[1, a0, b0], [a1, 1, b1], [a2, b2, 1]]``, a, b ~ U(-r, r).
+def _check_coords(C: int, coords: int):
+    if coords not in (2, 3) or C < coords:
+        raise ValueError(f"shear needs {coords} coordinates per joint; x has C={C}" +
+                         (" (2-D data: pass coords=2)" if C == 2 else ""))
+
+
+def shear(x: torch.Tensor, amplitude: float = 0.5, generator=None, coords: int = 3) -> torch.Tensor:
+    """``x'[c] = sum_j S[c, j] x[j]`` with ``S = [[1, a0, b0], [a1, 1, b1], [a2, b2, 1]]``, a, b ~ U(-r, r); for
+    2-D data (``coords=2``) ``S = [[1, a0], [a1, 1]]``. Channels after the ``coords`` coordinates (a score)
+    are kept.
 
     One matrix per sample, shared by its frames and bodies. ``amplitude <= 0`` is the identity.
     """
     _check_batch(x)
     if amplitude <= 0:
         return x
-    if x.shape[1] != 3:
-        raise ValueError(f"shear needs 3 coordinates per joint; x has C={x.shape[1]}")
-    return apply_shear(x, draw_shear(x.shape[0], amplitude, generator))
+    _check_coords(x.shape[1], coords)
+    return apply_shear(x, draw_shear(x.shape[0], amplitude, generator, coords, x.shape[1]))
 
 
 def draw_shift(n: int, frames: int, ratio: int = 6, generator=None) -> torch.Tensor | None:
@@ -94,16 +112,17 @@ def resize(x: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def pretrain_augment(x: torch.Tensor, shear_amplitude: float = 0.5, temporal_ratio: int = 6,
-                     frames: int | None = None, generator=None) -> torch.Tensor:
+                     frames: int | None = None, generator=None, coords: int = 3) -> torch.Tensor:
     """One pretraining view: ``shear(temporal_shift(resize(x, frames)))``, as ``Feeder_multi``'s ``aug``."""
     if frames is not None:
         x = resize(x, frames)
-    return shear(temporal_shift(x, temporal_ratio, generator), shear_amplitude, generator)
+    return shear(temporal_shift(x, temporal_ratio, generator), shear_amplitude, generator, coords)
 
 
-def draw_augment(shape, shear_amplitude: float = 0.5, temporal_ratio: int = 6, generator=None) -> dict:
+def draw_augment(shape, shear_amplitude: float = 0.5, temporal_ratio: int = 6, generator=None,
+                 coords: int = 3) -> dict:
     """The random parameters of one :func:`pretrain_augment` view of a batch of ``shape`` (without resize), drawn
-    on the host in the same order: ``{"shift": (N, T) int64, "shear": (N, 3, 3) float32}``, each left out when
+    on the host in the same order: ``{"shift": (N, T) int64, "shear": (N, C, C) float32}``, each left out when
     that augmentation is the identity."""
     N, C, T = shape[:3]
     draws = {}
@@ -111,9 +130,8 @@ def draw_augment(shape, shear_amplitude: float = 0.5, temporal_ratio: int = 6, g
     if frame is not None:
         draws["shift"] = frame
     if shear_amplitude > 0:
-        if C != 3:
-            raise ValueError(f"shear needs 3 coordinates per joint; x has C={C}")
-        draws["shear"] = draw_shear(N, shear_amplitude, generator)
+        _check_coords(C, coords)
+        draws["shear"] = draw_shear(N, shear_amplitude, generator, coords, C)
     return draws
 
 
@@ -126,9 +144,9 @@ def apply_augment(x: torch.Tensor, draws: dict) -> torch.Tensor:
     return apply_shear(x, draws["shear"]) if "shear" in draws else x
 
 
-def to_view(x: torch.Tensor, view: str, layout: str | Layout = "ntu-rgb+d") -> torch.Tensor:
+def to_view(x: torch.Tensor, view: str, layout: str | dict | Layout = "ntu-rgb+d") -> torch.Tensor:
     """The input stream: ``joint`` (identity), ``motion`` (frame differences, last frame 0) or ``bone``
-    (joint minus its parent; the root's bone is 0)."""
+    (joint minus its parent; the root's bone is 0). Every channel is treated alike, a score channel too."""
     _check_batch(x)
     if view == "joint":
         return x
@@ -138,7 +156,11 @@ def to_view(x: torch.Tensor, view: str, layout: str | Layout = "ntu-rgb+d") -> t
         layout = get_layout(layout)
         if x.shape[3] != layout.num_joints:
             raise ValueError(f"bone view of layout {layout.name!r} needs V={layout.num_joints}; got {x.shape[3]}")
-        return x - x[:, :, :, _parents(tuple(layout.parents()), x.device)]
+        parents = tuple(layout.parents())
+        # While tracing (torch.compile, torch.export) the index is a constant of the graph; a cached tensor made
+        # there would be a fake one, left in the cache for later eager calls.
+        index = list(parents) if torch.compiler.is_compiling() else _parents(parents, x.device)
+        return x - x[:, :, :, index]
     raise ValueError(f"view must be one of {', '.join(VIEWS)}; got {view!r}")
 
 

@@ -18,9 +18,10 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from .cli import short
+from .cli import describe, short
 from .distributed import BACKENDS, BN_MODES
-from .graph import LAYOUTS, STRATEGIES
+from .data.prepared import CHANNELS, channels_of
+from .graph import LAYOUTS, STRATEGIES, LayoutError, get_layout, layout_value
 from .mix import MODES, PARTNERS, SPATIAL_MODES
 from .models.skelemixclr import VARIANTS
 from .ops import IMPLS
@@ -51,7 +52,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     variant: str = "skelemixclr+"  # skeletonclr | skelemixclr | skelemixclr+
-    layout: str = "ntu-rgb+d"
+    # The skeleton: "auto" (the data's), a shipped layout (ntu-rgb+d, nw-ucla, coco-17) or a layout file, which
+    # the built config holds as its mapping (so saved configs and checkpoints do not depend on the file).
+    layout: str | dict = "auto"
+    channels: str = "auto"  # the input channels: auto (the data's) | x,y,z | x,y | x,y,score
     graph: str = "agcn"
     hidden_channels: int = 16
     hidden_dim: int = 256
@@ -144,7 +148,7 @@ class Config:
 _CHOICES = {
     "data.view": ("joint", "motion", "bone"),
     "model.variant": tuple(VARIANTS),
-    "model.layout": tuple(LAYOUTS),
+    "model.channels": ("auto", *CHANNELS),
     "model.graph": STRATEGIES,
     "model.head": (None, "mlp", "mlp_nobn", "linear"),
     "model.repeat_reduction": ("mean", "sum"),
@@ -170,7 +174,7 @@ def _check_type(key: str, value: Any, hint) -> Any:
     """Coerce ints to floats where floats are expected (and whole floats such as ``1e5`` to ints where ints are);
     reject everything else that does not fit, and non-finite floats (no key takes inf or nan)."""
     allowed = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "list": (list,),
-               "list | None": (list, type(None)), "str | None": (str, type(None))}[hint]
+               "list | None": (list, type(None)), "str | None": (str, type(None)), "str | dict": (str, dict)}[hint]
     if hint == "int" and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         value = int(value)
     ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
@@ -334,6 +338,8 @@ def build_config(raw: dict | None = None, overrides: list[str] | dict | None = N
         built[section] = cls(**kwargs)
     config = Config(**built)
     validate(config)
+    if config.model.layout != "auto":  # a file is held as its mapping
+        config.model.layout = layout_value(config.model.layout)
     return config
 
 
@@ -344,6 +350,11 @@ def validate(c: Config) -> None:
             raise ConfigError(msg)
 
     t, m, d, o = c.train, c.model, c.data, c.optim
+    if m.layout != "auto":
+        try:
+            get_layout(m.layout)
+        except (LayoutError, ValueError, OSError) as err:
+            raise ConfigError(f"model.layout: {describe(err)}") from None
     for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size), ("data.frames", d.frames),
                        ("model.hidden_channels", m.hidden_channels), ("model.hidden_dim", m.hidden_dim),
                        ("model.feature_dim", m.feature_dim), ("model.queue_size", m.queue_size),
@@ -440,13 +451,44 @@ def resolve_device(name: str):
     return device
 
 
+def with_data_input(config: Config, meta: dict | None, source: str = "the data") -> Config:
+    """``config`` with ``model.layout`` and ``model.channels`` taken from the data they will read: ``auto`` becomes
+    the data's, and a value given must fit it (a layout of another skeleton with the same joints is fine).
+    ``meta`` is a prepared dataset's ``meta.json``; None stands for the generated data (ntu-rgb+d, x, y, z)."""
+    meta = meta or {}
+    m = config.model
+    data_layout = get_layout(meta.get("layout", "ntu-rgb+d"))
+    data_channels = channels_of(meta, source)
+    layout, channels = m.layout, m.channels
+    if layout == "auto":
+        layout = layout_value(data_layout)
+    elif get_layout(layout).num_joints != data_layout.num_joints:
+        given = get_layout(layout)
+        raise ConfigError(f"model.layout: {given.name!r} has {given.num_joints} joints but {source} holds "
+                          f"{data_layout.name!r} skeletons of {data_layout.num_joints} (set model.layout=auto to "
+                          "take the data's)")
+    if channels == "auto":
+        channels = data_channels
+    elif channels != data_channels:
+        raise ConfigError(f"model.channels: the encoder takes {channels} but {source} holds {data_channels}")
+    return dataclasses.replace(config, model=dataclasses.replace(m, layout=layout, channels=channels))
+
+
+def model_input(model: ModelConfig) -> tuple[str | dict, str]:
+    """``(layout, channels)`` of the encoder; ``auto`` (a config not yet fitted to data by :func:`with_data_input`)
+    means those of the generated data: ``ntu-rgb+d`` and ``x,y,z``."""
+    return ("ntu-rgb+d" if model.layout == "auto" else model.layout,
+            "x,y,z" if model.channels == "auto" else model.channels)
+
+
 def make_encoder(model: ModelConfig, num_class: int | None = None, head: str = "linear", impl: str = "auto"):
     """The ST-GCN encoder a config describes (for evaluation: ``num_class`` classes behind a linear ``fc``)."""
     from .models import STGCN
 
-    return STGCN(hidden_channels=model.hidden_channels, hidden_dim=model.hidden_dim, num_class=num_class,
-                 head=head, dropout=model.dropout, edge_importance=model.edge_importance,
-                 graph=dict(layout=model.layout, strategy=model.graph), impl=impl)
+    layout, channels = model_input(model)
+    return STGCN(in_channels=len(channels.split(",")), hidden_channels=model.hidden_channels,
+                 hidden_dim=model.hidden_dim, num_class=num_class, head=head, dropout=model.dropout,
+                 edge_importance=model.edge_importance, graph=dict(layout=layout, strategy=model.graph), impl=impl)
 
 
 def make_pretrain_model(config: Config):
@@ -454,10 +496,12 @@ def make_pretrain_model(config: Config):
     from .models import build_pretrain_model
 
     m = config.model
+    layout, channels = model_input(m)
     overrides = {k: v for k, v in (("swap_params", m.swap_params), ("head", m.head)) if v is not None}
     return build_pretrain_model(
-        m.variant, encoder=dict(hidden_channels=m.hidden_channels, hidden_dim=m.hidden_dim, dropout=m.dropout,
-                                edge_importance=m.edge_importance, graph=dict(layout=m.layout, strategy=m.graph),
+        m.variant, encoder=dict(in_channels=len(channels.split(",")), hidden_channels=m.hidden_channels,
+                                hidden_dim=m.hidden_dim, dropout=m.dropout,
+                                edge_importance=m.edge_importance, graph=dict(layout=layout, strategy=m.graph),
                                 impl=config.train.impl,
                                 fused_epilogue=config.train.epilogue == "fused"),
         feature_dim=m.feature_dim, queue_size=m.queue_size, momentum=m.momentum, temperature=m.temperature,

@@ -42,7 +42,8 @@ from . import cli, distributed, ops
 from .augment import VIEWS, pretrain_augment, to_view
 from .checkpoint import (CLASSIFIER_FORMAT, PRETRAIN_FORMAT, CheckpointError, load_checkpoint, load_official,
                          require_parts, save_checkpoint)
-from .config import Config, build_config, load_yaml, make_encoder, resolve_device
+from .config import Config, build_config, load_yaml, make_encoder, resolve_device, with_data_input
+from .data.prepared import coordinates, recipe
 from .models import VARIANTS, init_weights
 from .probe import balanced_subset, extract_features, knn_scores, topk_accuracy, train_linear
 
@@ -72,6 +73,7 @@ class Pretrained:
     config: Config
     encoder_state: dict | None  # encoder_q weights with this package's names (fc.* included when present)
     epoch: int | None = None
+    data_recipe: dict | None = None  # how the training samples were made (skelemix.data.prepared.recipe)
 
 
 def _strip(sd: Mapping, prefix: str) -> dict:
@@ -136,9 +138,14 @@ def load_pretrained(checkpoint: str | os.PathLike | None, config_file: str | Non
         if not isinstance(obj["model"], Mapping):
             raise CheckpointError(f"{path}: its 'model' is {type(obj['model']).__name__}, not a state dict")
         config = build_config(obj["config"], overrides)
+        recipe = obj.get("data_recipe")
+        if recipe is not None and not isinstance(recipe, Mapping):
+            raise CheckpointError(f"{path}: its 'data_recipe' is {type(recipe).__name__}, not a dict")
+        recipe = dict(recipe) if recipe is not None else None
         if fmt == PRETRAIN_FORMAT:
-            return Pretrained("skelemix", str(path), config, _strip(obj["model"], "encoder_q."), obj.get("epoch"))
-        return Pretrained("classifier", str(path), config, dict(obj["model"]), obj.get("epoch"))
+            return Pretrained("skelemix", str(path), config, _strip(obj["model"], "encoder_q."), obj.get("epoch"),
+                              recipe)
+        return Pretrained("classifier", str(path), config, dict(obj["model"]), obj.get("epoch"), recipe)
     raw = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
     if _is_state_dict(raw):
         keys = [k[len("module."):] if k.startswith("module.") else k for k in raw]
@@ -219,7 +226,7 @@ def with_data(config: Config, data: str | None = None, view: str | None = None) 
 
     d = config.data
     root = data or d.root
-    frames = d.frames
+    frames, meta = d.frames, None
     if root != "synthetic":
         if not Path(root).is_dir():
             where = "" if data else " (the data of the checkpoint's config; pass --data)"
@@ -227,10 +234,7 @@ def with_data(config: Config, data: str | None = None, view: str | None = None) 
                                     "`python -m skelemix.data`, or 'synthetic'")
         meta = read_meta(root)
         frames = int(meta["frames"])
-        layout = meta.get("layout")
-        if layout is not None and layout != config.model.layout:
-            raise ValueError(f"{root} holds {layout!r} skeletons but the encoder is built for "
-                             f"{config.model.layout!r} (set model.layout)")
+    config = with_data_input(config, meta, root)  # the layout and channels of the data (or a clear mismatch)
     if view is not None and view not in VIEWS:
         raise ValueError(f"view must be one of {', '.join(VIEWS)}; got {view!r}")
     return dataclasses.replace(config, data=dataclasses.replace(d, root=root, view=view or d.view, frames=frames))
@@ -270,13 +274,13 @@ class _Augmented:
     """A loader whose batches get the pretraining augmentation (shear + temporal shift), as the official kNN
     monitor's feeders apply it to both the memory bank and the test data (REFERENCE.md 6.2)."""
 
-    def __init__(self, loader, shear: float, ratio: int, seed: int):
-        self.loader, self.shear, self.ratio = loader, shear, ratio
+    def __init__(self, loader, shear: float, ratio: int, seed: int, coords: int = 3):
+        self.loader, self.shear, self.ratio, self.coords = loader, shear, ratio, coords
         self.generator = torch.Generator().manual_seed(seed)
 
     def __iter__(self):
         for x, y in self.loader:
-            yield pretrain_augment(x, self.shear, self.ratio, generator=self.generator), y
+            yield pretrain_augment(x, self.shear, self.ratio, generator=self.generator, coords=self.coords), y
 
 
 # ------------------------------------------------------------------------------------------ protocols
@@ -526,7 +530,8 @@ def run(args) -> dict:
         loaders = [_loader(_shard(ds), args.batch_size, device, workers) for ds in (train_set, val_set)]
         if args.augment:
             d = config.data
-            loaders = [_Augmented(ld, d.shear, d.temporal_ratio, seed + i) for i, ld in enumerate(loaders)]
+            loaders = [_Augmented(ld, d.shear, d.temporal_ratio, seed + i, coordinates(config.model.channels))
+                       for i, ld in enumerate(loaders)]
         (bank, bank_labels), (feats, labels) = [_gathered(extract_features(encoder, ld, device, view, layout,
                                                                            projection=projection)) for ld in loaders]
         if not distributed.is_main():
@@ -614,7 +619,8 @@ def run(args) -> dict:
     np.save(out / "labels.npy", labels_np)
     if encoder_to_save is not None:
         save_checkpoint({"format": CLASSIFIER_FORMAT, "mode": args.mode, "config": config.to_dict(),
-                         "classes": classes, "model": encoder_to_save.state_dict()}, out / "classifier.pt")
+                         "classes": classes, "model": encoder_to_save.state_dict(),
+                         "data_recipe": pre.data_recipe or recipe(train_set.meta)}, out / "classifier.pt")
         extra_files.append("classifier.pt")
     result["elapsed_s"] = round(time.perf_counter() - start, 2)
     result["files"] = ["results.json", "scores.npy", "labels.npy", *extra_files]

@@ -1,32 +1,107 @@
 """Skeleton layouts and the adjacency partitions built from them (REFERENCE.md 2.1).
 
-A layout is data: the joint count, the bones as (child, parent) pairs pointing toward the root, and the
-body parts SkeleMix cuts along. Every strategy works for every layout, so adding a dataset means adding a
-``Layout`` entry, not a code path.
+A layout is data, kept in a YAML file: the joints, the edges (bones) as (child, parent) pairs pointing toward
+the centre joint, the body parts SkeleMix cuts along, and the joints that preprocessing aligns on. The shipped
+ones live in ``skelemix/layouts/`` (``ntu-rgb+d``, ``nw-ucla``, ``coco-17``) and are read by the same code as
+a user's file (``model.layout=path.yaml``), so adding a skeleton means writing a file, not a code path. Every
+strategy works for every layout.
+
+A layout file::
+
+    name: my-skeleton
+    joints: [pelvis, spine, head, ...]    # names (or a joint count); edges and parts use names or 0-based indices
+    center: spine                         # every edge points toward it (the ST-GCN centre)
+    edges: [[pelvis, spine], [head, spine], ...]   # [child, parent]: a tree over all joints
+    parts: {trunk: [pelvis, spine, head], left_arm: [...], ...}   # SkeleMix's body parts: each joint in one
+    origin: [pelvis]                      # preprocessing centres each frame on the mean of these (default: center)
+    x_axis: [left_shoulder, right_shoulder]   # 3-D preprocessing turns this line onto +x (optional)
+
+Files are untrusted input: they are read with ``yaml.safe_load``, size-limited, and every key is checked; a
+mistake raises :class:`LayoutError`, one line naming the file, the key and what was expected.
 """
 from __future__ import annotations
 
+import difflib
+import functools
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import yaml
+
+LAYOUT_DIR = Path(__file__).parent / "layouts"
+MAX_JOINTS = 1000
+MAX_LAYOUT_BYTES = 1 << 20  # a layout of MAX_JOINTS named joints takes about 100 KB
+_KEYS = ("name", "joints", "center", "edges", "parts", "origin", "x_axis")
+
+
+class LayoutError(ValueError):
+    """A layout that cannot be used; the message names its source and the key."""
 
 
 @dataclass(frozen=True)
 class Layout:
     name: str
     num_joints: int
-    bones: tuple[tuple[int, int], ...]  # 0-based (child, parent), parent is closer to `root`
+    bones: tuple[tuple[int, int], ...]  # 0-based (child, parent), parent is closer to `root`: the file's edges
     root: int  # the joint every bone points toward; the ST-GCN "center"
     body_parts: tuple[tuple[int, ...], ...]  # partition of all joints, in the order SkeleMix samples them
     part_names: tuple[str, ...]
+    joint_names: tuple[str, ...] = ()  # default: "0", "1", ...
+    origin: tuple[int, ...] = ()  # preprocessing centres on the mean of these joints; default: (root,)
+    x_axis: tuple[int, int] | None = None  # 3-D preprocessing rotates x_axis[1] - x_axis[0] onto +x
 
     def __post_init__(self):
+        V = self.num_joints
+        if not self.joint_names:
+            object.__setattr__(self, "joint_names", tuple(str(j) for j in range(V)))
+        if not self.origin:
+            object.__setattr__(self, "origin", (self.root,))
+        names = self.joint_names
+        if len(names) != V:
+            self._invalid(f"joints: {len(names)} names for {V} joints")
+        used = [self.root, *self.origin, *(self.x_axis or ()), *(j for bone in self.bones for j in bone)]
+        if not all(_is_int(j) and 0 <= j < V for j in used):
+            self._invalid(f"center, edges, origin and x_axis must name joints 0..{V - 1}")
         joints = sorted(j for part in self.body_parts for j in part)
-        if joints != list(range(self.num_joints)):
-            raise ValueError(f"layout {self.name!r}: body_parts must partition joints 0..{self.num_joints - 1}")
-        if len(self.bones) != self.num_joints - 1:
-            raise ValueError(f"layout {self.name!r}: a tree over {self.num_joints} joints has "
-                             f"{self.num_joints - 1} bones, got {len(self.bones)}")
+        if joints != list(range(V)):
+            self._invalid(f"parts: body parts must partition joints 0..{V - 1} (each joint in exactly one part)"
+                          f"{_partition_problem(joints, names)}")
+        if len(self.part_names) != len(self.body_parts):
+            self._invalid(f"parts: {len(self.part_names)} names for {len(self.body_parts)} parts")
+        if len(self.bones) != V - 1:
+            self._invalid(f"edges: a tree over {V} joints has {V - 1} edges (bones), got {len(self.bones)}")
+        parent = {}
+        for k, (child, par) in enumerate(self.bones):
+            if child == self.root:
+                self._invalid(f"edges[{k}]: the center {names[child]!r} has no parent (every edge points toward it)")
+            if child == par:
+                self._invalid(f"edges[{k}]: joint {names[child]!r} is its own parent")
+            if child in parent:
+                self._invalid(f"edges[{k}]: joint {names[child]!r} has a second parent ({names[parent[child]]!r} and "
+                              f"{names[par]!r}): the edges must form a tree")
+            parent[child] = par
+        reaches_root = {self.root}  # every joint must: no cycles (each joint is walked once, so a file of
+        for start in range(V):      # MAX_JOINTS joints in one long chain is checked as fast as a small one)
+            path, j = [], start
+            while j not in reaches_root:
+                if j in path:
+                    cycle = " -> ".join(names[i] for i in path[path.index(j):] + [j])
+                    self._invalid(f"edges: the cycle {cycle} never reaches the center {names[self.root]!r}")
+                path.append(j)
+                j = parent[j]
+            reaches_root.update(path)
+        if len(set(self.origin)) != len(self.origin):
+            self._invalid("origin: expected distinct joints")
+        if self.x_axis is not None and (len(self.x_axis) != 2 or self.x_axis[0] == self.x_axis[1]):
+            self._invalid("x_axis: expected two different joints [from, to]")
+
+    def _invalid(self, detail: str):
+        err = LayoutError(f"layout {self.name!r}: {detail}")
+        err.detail = detail  # what _parse puts after the file name
+        raise err
 
     def parents(self) -> list[int]:
         """Parent of every joint; the root is its own parent (so its bone vector is zero)."""
@@ -35,49 +110,182 @@ class Layout:
             parent[child] = par
         return parent
 
+    def to_dict(self) -> dict:
+        """The layout as the mapping of a layout file (joints by name), for configs and checkpoints."""
+        n = self.joint_names
+        spec = {"name": self.name, "joints": list(n), "center": n[self.root],
+                "edges": [[n[c], n[p]] for c, p in self.bones],
+                "parts": {name: [n[j] for j in part] for name, part in zip(self.part_names, self.body_parts)},
+                "origin": [n[j] for j in self.origin]}
+        if self.x_axis is not None:
+            spec["x_axis"] = [n[j] for j in self.x_axis]
+        return spec
 
-def _zero_based(pairs):
-    return tuple((a - 1, b - 1) for a, b in pairs)
+    @classmethod
+    def from_dict(cls, spec, source: str = "the layout") -> Layout:
+        """A layout from the mapping of a layout file; :class:`LayoutError` names ``source`` and the key."""
+        return _parse(spec, str(source))
 
 
-NTU = Layout(
-    name="ntu-rgb+d",
-    num_joints=25,
-    # 1-based (child -> parent toward joint 21, "spine shoulder"), as in the official ntu_rgb_d.py.
-    bones=_zero_based([(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21),
-                       (10, 9), (11, 10), (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1),
-                       (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25), (25, 12)]),
-    root=20,
-    # The official code's names and order (its left/right labels are swapped relative to NTU's naming;
-    # harmless, the parts are sampled symmetrically). The order fixes which part each draw picks.
-    body_parts=((3, 2, 20, 1, 0), (8, 9, 10, 11, 23, 24), (4, 5, 6, 7, 21, 22),
-                (16, 17, 18, 19), (12, 13, 14, 15)),
-    part_names=("trunk", "left_hand", "right_hand", "left_leg", "right_leg"),
-)
+def _partition_problem(joints: list[int], names) -> str:
+    seen, doubled = set(), []
+    for j in joints:
+        if j in seen:
+            doubled.append(j)
+        seen.add(j)
+    missing = [j for j in range(len(names)) if j not in seen]
+    if missing:
+        return f"; {names[missing[0]]!r} is in no part"
+    if doubled:
+        return f"; {names[doubled[0]]!r} is in two parts"
+    return ""
 
-NW_UCLA = Layout(
-    name="nw-ucla",
-    num_joints=20,
-    # Kinect v1 joints, 1-based: 1 hip centre, 2 spine, 3 shoulder centre, 4 head, 5-8 left arm,
-    # 9-12 right arm, 13-16 left leg, 17-20 right leg; bones point toward joint 3 (CTR-GCN's ucla graph).
-    bones=_zero_based([(1, 2), (2, 3), (4, 3), (5, 3), (6, 5), (7, 6), (8, 7), (9, 3), (10, 9),
-                       (11, 10), (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17),
-                       (19, 18), (20, 19)]),
-    root=2,
-    body_parts=((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11), (12, 13, 14, 15), (16, 17, 18, 19)),
-    part_names=("trunk", "left_arm", "right_arm", "left_leg", "right_leg"),
-)
 
-LAYOUTS = {layout.name: layout for layout in (NTU, NW_UCLA)}
+def _parse(spec, source: str) -> Layout:
+    def fail(key, message):
+        raise LayoutError(f"{source}: {key}: {message}")
+
+    if not isinstance(spec, dict):
+        raise LayoutError(f"{source}: expected a mapping with keys {', '.join(_KEYS)}; got {type(spec).__name__}")
+    for key in spec:
+        if key not in _KEYS:
+            hint = difflib.get_close_matches(str(key), _KEYS, n=1)
+            fail(key if isinstance(key, str) and key.isprintable() else _short(key), "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else
+                                               f"; expected {', '.join(_KEYS)}"))
+    for key in ("name", "joints", "center", "edges", "parts"):
+        if key not in spec:
+            fail(key, "missing (a layout needs name, joints, center, edges and parts)")
+    name = spec["name"]
+    if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 100:
+        fail("name", f"expected a short printable name; got {_short(name)}")
+    joints = spec["joints"]
+    if _is_int(joints):
+        names = [str(j) for j in range(joints)] if 1 <= joints <= MAX_JOINTS else None
+    elif isinstance(joints, list) and all(isinstance(j, str) and j.strip() and j.isprintable() for j in joints):
+        names = joints if 1 <= len(joints) <= MAX_JOINTS else None
+    else:
+        names = None
+    if names is None:
+        fail("joints", f"expected a list of 1 to {MAX_JOINTS} joint names (or their count); got {_short(joints)}")
+    if len(set(names)) != len(names):
+        fail("joints", f"{next(j for j in names if names.count(j) > 1)!r} is named twice")
+    index = {j: i for i, j in enumerate(names)}
+
+    def joint(key, ref) -> int:
+        if _is_int(ref) and 0 <= ref < len(names):
+            return ref
+        if isinstance(ref, str) and ref in index:
+            return index[ref]
+        hint = difflib.get_close_matches(ref, names, n=1) if isinstance(ref, str) else []
+        fail(key, f"{_short(ref)} is not a joint of the layout (a name from 'joints' or an index 0.."
+                  f"{len(names) - 1})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+    def joint_list(key, refs, allow_single=False) -> tuple[int, ...]:
+        if allow_single and not isinstance(refs, list):
+            refs = [refs]
+        if not isinstance(refs, list) or not refs:
+            fail(key, f"expected a non-empty list of joints; got {_short(refs)}")
+        out = tuple(joint(f"{key}[{i}]", r) for i, r in enumerate(refs))
+        if len(set(out)) != len(out):
+            fail(key, "lists a joint twice")
+        return out
+
+    root = joint("center", spec["center"])
+    edges = spec["edges"]
+    if not isinstance(edges, list):
+        fail("edges", f"expected a list of [child, parent] pairs; got {_short(edges)}")
+    bones = []
+    for k, edge in enumerate(edges):
+        if not isinstance(edge, list) or len(edge) != 2:
+            fail(f"edges[{k}]", f"expected a [child, parent] pair; got {_short(edge)}")
+        bones.append((joint(f"edges[{k}][0]", edge[0]), joint(f"edges[{k}][1]", edge[1])))
+    parts = spec["parts"]
+    if not isinstance(parts, dict) or not parts:
+        fail("parts", f"expected a mapping of part names to joint lists; got {_short(parts)}")
+    body_parts = []
+    for part, refs in parts.items():
+        if not isinstance(part, str) or not part.strip() or not part.isprintable():
+            fail("parts", f"part names must be printable strings; got {_short(part)}")
+        body_parts.append(joint_list(f"parts.{part}", refs))
+    origin = joint_list("origin", spec.get("origin", spec["center"]), allow_single=True)
+    x_axis = spec.get("x_axis")
+    if x_axis is not None:
+        if not isinstance(x_axis, list) or len(x_axis) != 2:
+            fail("x_axis", f"expected two joints [from, to]; got {_short(x_axis)}")
+        x_axis = joint_list("x_axis", x_axis)
+    try:
+        return Layout(name, len(names), tuple(bones), root, tuple(body_parts), tuple(parts), tuple(names),
+                      origin, x_axis)
+    except LayoutError as err:
+        raise LayoutError(f"{source}: {err.detail}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    from .cli import short
+
+    return short(value)
+
+
+def load_layout(path: str | os.PathLike) -> Layout:
+    """Read and check a layout file (``yaml.safe_load``; at most :data:`MAX_LAYOUT_BYTES`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"layout file not found: {path}" if not path.exists() else
+                                f"layout file {path}: not a regular file")
+    with open(path, "rb") as f:
+        data = f.read(MAX_LAYOUT_BYTES + 1)
+    if len(data) > MAX_LAYOUT_BYTES:
+        raise LayoutError(f"{path}: larger than {MAX_LAYOUT_BYTES} bytes: not a layout file")
+    try:
+        spec = yaml.safe_load(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise LayoutError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise LayoutError(f"{path}{where}: not valid YAML: {getattr(err, 'problem', None) or err}") from None
+    except RecursionError:
+        raise LayoutError(f"{path}: not a layout file: nested too deeply") from None
+    return _parse(spec, str(path))
+
+
+LAYOUTS = {layout.name: layout for layout in map(load_layout, sorted(LAYOUT_DIR.glob("*.yaml")))}
+NTU, NW_UCLA, COCO = LAYOUTS["ntu-rgb+d"], LAYOUTS["nw-ucla"], LAYOUTS["coco-17"]
 STRATEGIES = ("agcn", "spatial", "distance", "uniform")
 
 
-def get_layout(layout: str | Layout) -> Layout:
+@functools.lru_cache(maxsize=64)
+def _from_json(text: str) -> Layout:
+    return _parse(json.loads(text), "the layout")
+
+
+def layout_value(layout: str | os.PathLike | dict | Layout) -> str | dict:
+    """How configs, meta.json files and checkpoints hold a layout: a shipped layout's name, else the mapping of
+    its file (so they do not depend on the file)."""
+    layout = get_layout(layout)
+    return layout.name if LAYOUTS.get(layout.name) == layout else layout.to_dict()
+
+
+def get_layout(layout: str | os.PathLike | dict | Layout) -> Layout:
+    """A :class:`Layout` from a shipped layout's name, a layout file's path, the mapping of a layout file (as
+    configs and checkpoints hold it) or a :class:`Layout`."""
     if isinstance(layout, Layout):
         return layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}; got {layout!r}")
-    return LAYOUTS[layout]
+    if isinstance(layout, dict):
+        try:
+            text = json.dumps(layout)
+        except (TypeError, ValueError):
+            raise LayoutError(f"the layout: expected the mapping of a layout file; got {_short(layout)}") from None
+        return _from_json(text)  # cached: called for every batch with the config's value
+    if isinstance(layout, str) and layout in LAYOUTS:
+        return LAYOUTS[layout]
+    if isinstance(layout, (str, os.PathLike)) and (str(layout).endswith((".yaml", ".yml")) or Path(layout).is_file()):
+        return load_layout(layout)
+    raise ValueError(f"layout must be one of {sorted(LAYOUTS)} or a layout YAML file; got {_short(layout)}")
 
 
 def _edge2mat(pairs, n):

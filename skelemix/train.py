@@ -37,8 +37,9 @@ from .augment import apply_augment, draw_augment, to_view
 from .checkpoint import (PRETRAIN_FORMAT, CheckpointError, load_checkpoint, reading_part, remove_temporaries,
                          require_parts, save_checkpoint)
 from .config import (Config, ConfigError, base_lr, build_config, describe_batch_and_lr, describe_variant, list_configs,
-                     load_config, make_encoder, make_pretrain_model, resolve_device)
+                     load_config, make_encoder, make_pretrain_model, resolve_device, with_data_input)
 from .data import load_splits
+from .data.prepared import coordinates, recipe
 from .models import init_weights
 from .probe import extract_features, knn_accuracy, train_linear
 from .viz import read_metrics
@@ -138,6 +139,8 @@ class Trainer:
         # and their state is saved with the checkpoints. Each rank has its own stream (rank 0: the seed).
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(t.seed, self.rank))
         self.train_set, self.val_set = load_splits(config.data)
+        # The skeleton layout and input channels come from the data (model.layout / model.channels "auto").
+        self.config = config = with_data_input(config, self.train_set.meta, config.data.root)
         if len(self.train_set) < t.batch_size:
             raise ConfigError(f"train.batch_size ({t.batch_size}) exceeds the {len(self.train_set)} training samples")
         model = make_pretrain_model(config)  # the same seed on every rank: the same initial weights
@@ -184,7 +187,8 @@ class Trainer:
         return {"format": PRETRAIN_FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "rng": rng[0], "world_size": self.world, "rng_ranks": rng,
-                "epoch_sums": dict(self.epoch_sums), "epoch_seconds": self.epoch_seconds}
+                "epoch_sums": dict(self.epoch_sums), "epoch_seconds": self.epoch_seconds,
+                "data_recipe": recipe(self.train_set.meta)}  # how new inputs are prepared for the encoder
 
     def save(self, name: str = "last.pt") -> Path:
         """Every rank calls this; rank 0 writes (the model and optimizer are the same on every rank)."""
@@ -329,8 +333,9 @@ class Trainer:
         """Every random draw of one step, made on the host from ``self.generator`` in the order the step uses
         them: the query's augmentation, the key's, then the SkeleMix partners and regions."""
         c = self.config
-        return {"q": draw_augment(shape, c.data.shear, c.data.temporal_ratio, self.generator),
-                "k": draw_augment(shape, c.data.shear, c.data.temporal_ratio, self.generator),
+        coords = coordinates(c.model.channels)
+        return {"q": draw_augment(shape, c.data.shear, c.data.temporal_ratio, self.generator, coords),
+                "k": draw_augment(shape, c.data.shear, c.data.temporal_ratio, self.generator, coords),
                 "mix": self.model.draw_mixes(shape, self.generator)}
 
     def _forward(self, x: torch.Tensor, draws: dict) -> dict:

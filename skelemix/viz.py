@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import cli
-from .graph import NTU, Layout
+from .graph import NTU, Layout, get_layout
 
 # Colours of the SkeleMix regions, shared by the grid and the animation.
 PASTED = "#d62728"  # joints of the pasted fragment (from the partner: the "trimmed" view)
@@ -181,10 +181,23 @@ def pca_2d(features) -> np.ndarray:
     return proj.numpy()
 
 
-def plot_embedding(features, labels, classes: Sequence[str], path: str | Path, title: str | None = None) -> Path:
-    """A 2-D PCA scatter of ``features (N, D)`` coloured by class (legend for up to 20 classes)."""
+def tsne_2d(features, seed: int = 0) -> np.ndarray:
+    """A 2-D t-SNE map of ``features (N, D)`` (scikit-learn, an optional dependency: ``pip install scikit-learn``)."""
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(features, dtype=np.float32)
+    perplexity = float(min(30.0, max(1.0, (len(x) - 1) / 3)))  # it must stay below the sample count
+    return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(x)
+
+
+def plot_embedding(features, labels, classes: Sequence[str], path: str | Path, title: str | None = None,
+                   method: str = "pca") -> Path:
+    """A 2-D scatter of ``features (N, D)`` coloured by class (legend for up to 20 classes): ``method`` "pca" (no
+    dependency) or "tsne" (:func:`tsne_2d`)."""
     labels = np.asarray(labels)
-    xy = pca_2d(features)
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"method must be 'pca' or 'tsne'; got {method!r}")
+    xy = pca_2d(features) if method == "pca" else tsne_2d(features)
     C = len(classes)
     from matplotlib import colormaps
 
@@ -197,9 +210,10 @@ def plot_embedding(features, labels, classes: Sequence[str], path: str | Path, t
         if sel.any():
             color = cmap(c if C <= 20 else c / max(C - 1, 1))
             ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=color, alpha=0.8, label=classes[c], linewidths=0)
-    ax.set_xlabel("PC 1")
-    ax.set_ylabel("PC 2")
-    ax.set_title(title or f"features of {len(labels)} samples, 2-D PCA")
+    axis = "PC" if method == "pca" else "t-SNE"
+    ax.set_xlabel(f"{axis} 1")
+    ax.set_ylabel(f"{axis} 2")
+    ax.set_title(title or f"features of {len(labels)} samples, 2-D {'PCA' if method == 'pca' else 't-SNE'}")
     ax.grid(alpha=0.3)
     if C <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -365,16 +379,18 @@ def animate_mix(x: np.ndarray, partner_x: np.ndarray, mixed: np.ndarray, joints:
 
 # ------------------------------------------------------------------------------------------------- CLI
 def _load_sequences(args) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """Two sequences ``(C, T, V, M)`` (index and partner), their class names and a description."""
+    """Two sequences ``(C, T, V, M)`` (index and partner), their class names and a description with the data's
+    ``layout`` and ``channels``."""
     if args.data == "synthetic":
         from .data.synthetic import CLASSES, make_synthetic
 
         data, labels = make_synthetic(SYNTHETIC_SAMPLES, frames=args.length, seed=args.seed)
         classes, source = list(CLASSES), f"synthetic data (seed {args.seed}, {args.length} frames)"
         pick = lambda i: (data[i], int(labels[i]))  # noqa: E731
-        size = SYNTHETIC_SAMPLES
+        size, layout, channels = SYNTHETIC_SAMPLES, NTU, "x,y,z"
     else:
         from .data import PreparedDataset
+        from .data.prepared import channels_of
 
         root = Path(args.data)
         if not root.is_dir():
@@ -382,8 +398,8 @@ def _load_sequences(args) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
                                     "`python -m skelemix.data`) or 'synthetic'")
         ds = PreparedDataset(root, args.split)
         classes, source = list(ds.meta["classes"]), f"{root} ({args.split})"
-        pick = lambda i: (np.asarray(ds.data[ds.indices[i]], dtype=np.float32), int(ds.targets[i]))  # noqa: E731
-        size = len(ds)
+        pick = lambda i: (np.array(ds.data[ds.indices[i]], dtype=np.float32), int(ds.targets[i]))  # noqa: E731
+        size, layout, channels = len(ds), get_layout(ds.meta["layout"]), channels_of(ds.meta, root / "meta.json")
     if not 0 <= args.index < size:
         raise ValueError(f"--index {args.index} is outside the {size} samples of {source}")
     if args.partner is None:
@@ -395,20 +411,27 @@ def _load_sequences(args) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
         if not 0 <= partner < size or partner == args.index:
             raise ValueError(f"--partner {partner} must be another sample in [0, {size})")
     (x, yx), (p, yp) = pick(args.index), pick(partner)
-    return x, p, [classes[yx], classes[yp]], {"source": source, "partner": partner}
+    return x, p, [classes[yx], classes[yp]], {"source": source, "partner": partner, "layout": layout,
+                                               "channels": channels}
 
 
 def _mix_command(args) -> int:
     x, p, names, info = _load_sequences(args)
     T = x.shape[1] - x.shape[1] % 4  # whole blocks of the encoder's temporal stride
     x, p = x[:, :T], p[:, :T]
-    ex = mix_example(torch.from_numpy(x), torch.from_numpy(p), seed=args.seed)
+    layout = info["layout"]
+    ex = mix_example(torch.from_numpy(x), torch.from_numpy(p), seed=args.seed, layout=layout)
     mixed = ex["mixed"].numpy()
+    if info["channels"] != "x,y,z":  # image coordinates: y grows downward, so draw -y
+        flip = np.ones((x.shape[0], 1, 1, 1), np.float32)
+        flip[1] = -1
+        x, p, mixed = x * flip, p * flip, mixed * flip
     out = Path(args.out)
-    title = (f"SkeleMix: sample {args.index} ({names[0]}) + partner {info['partner']} ({names[1]}); pasted parts "
-             f"{', '.join(ex['parts'])}; frames {ex['window'][0]}-{ex['window'][1] - 1} of {T}")
-    png = render_mix(x, p, mixed, ex["joints"], ex["window"], out / "mix.png", columns=args.frames, title=title)
-    gif = animate_mix(x, p, mixed, ex["joints"], ex["window"], out / "mix.gif", step=args.step)
+    title = (f"SkeleMix ({layout.name}): sample {args.index} ({names[0]}) + partner {info['partner']} ({names[1]}); "
+             f"pasted parts {', '.join(ex['parts'])}; frames {ex['window'][0]}-{ex['window'][1] - 1} of {T}")
+    png = render_mix(x, p, mixed, ex["joints"], ex["window"], out / "mix.png", columns=args.frames, layout=layout,
+                     title=title)
+    gif = animate_mix(x, p, mixed, ex["joints"], ex["window"], out / "mix.gif", layout=layout, step=args.step)
     print(title)
     print(f"data: {info['source']}; temporal range {ex['tem_range']} blocks of 4 frames; wrote {png} and {gif}")
     return 0

@@ -76,8 +76,11 @@ def test_restricted_unpickler_loads_arrays_and_refuses_code(tmp_path):
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda a: a.update(keypoint=np.zeros((1, 5, 17, 2), np.float32)), r"only 3D \(C = 3\)"),
-    (lambda a: a.update(keypoint=np.zeros((1, 5, 17, 3), np.float32)), r"wrong joint count: expected 25 \(NTU\) or 20"),
+    (lambda a: a.update(keypoint=np.zeros((1, 5, 17, 4), np.float32)), r"4 coordinates; expected 2 \(x, y\) or 3"),
+    (lambda a: a.update(keypoint=np.zeros((1, 5, 18, 3), np.float32)),
+     r"wrong joint count: expected 17 \(coco-17\) or 20 \(nw-ucla\) or 25 \(ntu-rgb\+d\) \(or pass a layout file\)"),
+    (lambda a: a.update(keypoint=np.ones((1, 5, 25, 2), np.float32), keypoint_score=np.ones((1, 5, 24), np.float32)),
+     r"'keypoint_score' must be a float array of the keypoints' \(M, T, V\) = \(1, 5, 25\); got \(1, 5, 24\)"),
     (lambda a: a.update(total_frames=6), "total_frames is 6 but the keypoints have 5"),
     (lambda a: a["keypoint"].__setitem__((0, 2, 3, 1), np.inf), "non-finite keypoint values"),
     (lambda a: a.pop("label"), "expected a dict with 'frame_dir', 'label', 'keypoint'"),
@@ -179,10 +182,11 @@ def test_options_fifo_and_layout_are_checked(tmp_path):
     pkl = _pickle(tmp_path / "a.pkl", {"train": ["s0", "s1"]})
     with pytest.raises(ValueError, match="preprocessing must be 'full' or 'resize'; got 'none'"):
         prepare_pyskl(pkl, tmp_path / "o", preprocessing="none", progress=False)
-    with pytest.raises(ValueError, match=r"layout must be one of \['ntu-rgb\+d', 'nw-ucla'\]; got 'kinect'"):
+    with pytest.raises(ValueError, match=r"layout must be one of \['coco-17', 'ntu-rgb\+d', 'nw-ucla'\] or a layout "
+                                         "YAML file; got 'kinect'"):
         prepare_pyskl(pkl, tmp_path / "o", layout="kinect", progress=False)
-    with pytest.raises(DataFormatError, match=r"a\.pkl: the keypoints have 25 joints, the ntu-rgb\+d layout; "
-                                              "--layout nw-ucla needs another joint count"):
+    with pytest.raises(DataFormatError, match=r"a\.pkl: annotation 0 \('s0'\): wrong joint count: expected 20 "
+                                              r"\(layout nw-ucla\), found 25"):
         prepare_pyskl(pkl, tmp_path / "o", layout="nw-ucla", progress=False)
     with pytest.raises(ValueError, match="frames must be a whole number >= 1; got 0"):
         prepare_pyskl(pkl, tmp_path / "o", frames=0, progress=False)

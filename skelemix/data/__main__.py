@@ -62,6 +62,15 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+def _layout(text: str) -> str:
+    from ..graph import LAYOUTS
+
+    if text in LAYOUTS or text.endswith((".yaml", ".yml")):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(sorted(LAYOUTS))} or a "
+                                     "layout .yaml file)")
+
+
 def main(argv=None) -> int:
     p = _Parser(prog="python -m skelemix.data", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,9 +94,9 @@ def main(argv=None) -> int:
     prep.add_argument("--split-file", help="PKU-MMD: the official cross-subject.txt (needed for xsub)")
     prep.add_argument("--test-view", choices=("L", "M", "R"), default="L",
                       help="PKU-MMD cross-view: the test view (default L)")
-    prep.add_argument("--layout", choices=("ntu-rgb+d", "nw-ucla"), default=None,
-                      help="PYSKL: the layout of the keypoints, checked against their joint count (default: from the "
-                      "joint count)")
+    prep.add_argument("--layout", type=_layout, default=None,
+                      help="PYSKL: the layout of the keypoints (coco-17, nw-ucla, ntu-rgb+d or a layout .yaml file), "
+                      "checked against their joint count (default: the shipped layout of that joint count)")
     prep.add_argument("--preprocessing", choices=("full", "resize"), default="full",
                       help="PYSKL: full = centre, resize, align shoulders; resize = temporal resize only")
     prep.add_argument("--skip-bad", action="store_true", help="leave malformed inputs out and list them instead "

@@ -122,8 +122,8 @@ def _fingerprint(obj) -> str:
 def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, bodies: int,
           candidates: list[Candidate], jobs: list[Job], task: Callable, options: dict, skip_bad: bool = False,
           workers: int | None = None, progress: bool = True, force: bool = False, extra_meta: dict | None = None,
-          ignored: int = 0, skipped: list | None = None, split_names=("train", "val")) -> Report:
-    """Run ``task(job, options) -> [(index, (3, frames, joints, bodies) array or None if no body, error)]``
+          ignored: int = 0, skipped: list | None = None, split_names=("train", "val"), channels: int = 3) -> Report:
+    """Run ``task(job, options) -> [(index, (channels, frames, joints, bodies) array or None if no body, error)]``
     over ``jobs`` and write one prepared dataset per benchmark: ``out/<benchmark>/`` or, when every
     candidate's benchmark is ``None``, ``out/`` itself. ``skipped``: ``(name, error)`` of inputs the
     converter already left out (reported with the others). Every benchmark gets the ``split_names`` (even
@@ -167,7 +167,7 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
 
     work = out.with_name(out.name + ".work")
     state = {"settings": _fingerprint(settings), "candidates": _fingerprint([c.name for c in candidates]),
-             "shape": [len(candidates), 3, frames, joints, bodies]}
+             "shape": [len(candidates), channels, frames, joints, bodies]}
     state_path = work / "state.json"
     if not (state_path.is_file() and json.loads(state_path.read_text()) == state):
         shutil.rmtree(work, ignore_errors=True)
@@ -247,7 +247,8 @@ def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, 
         names = list(dict.fromkeys([*split_names, *(c.splits[bm] for c in candidates if bm in c.splits)]))
         for split in names:
             idx = np.array([i for i in ok if candidates[i].splits.get(bm) == split], np.int64)
-            arr = open_memmap(tmp / f"{split}_data.npy", "w+", np.float32, (len(idx), 3, frames, joints, bodies))
+            arr = open_memmap(tmp / f"{split}_data.npy", "w+", np.float32, (len(idx), channels, frames, joints,
+                                                                            bodies))
             for s in range(0, len(idx), _COPY_CHUNK):
                 arr[s:s + _COPY_CHUNK] = samples[idx[s:s + _COPY_CHUNK]]
             arr.flush()

@@ -3,10 +3,15 @@
 A prepared dataset is a folder::
 
     meta.json               {"format": "skelemix-prepared/1", "dataset", "layout", "classes", "frames",
-                             "bodies", "splits": {split: size}}
-    <split>_data.npy        float32 (N, 3, T, V, M), memory-mappable
+                             "bodies", "splits": {split: size}, "channels", "options"}
+    <split>_data.npy        float32 (N, C, T, V, M), memory-mappable
     <split>_label.npy       int64 (N,), 0-based class index
     <split>_names.txt       N sample names, one per line
+
+``layout`` is a shipped layout's name or, for a layout from a file, the file's mapping (see
+:mod:`skelemix.graph`); ``channels`` names the C input channels: ``["x", "y", "z"]`` (the default when absent),
+``["x", "y"]`` or ``["x", "y", "score"]`` (2-D keypoints and their detection score); ``options`` are the
+converter's settings (frame count, preprocessing), which ``python -m skelemix.embed`` replays on raw files.
 
 Everything is written under a temporary name and renamed last, so an interrupted write never leaves a
 split that looks complete.
@@ -22,9 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DataFormatError
+from .errors import DataFormatError, quote
 
 FORMAT = "skelemix-prepared/1"
+CHANNELS = ("x,y,z", "x,y", "x,y,score")  # the input channels a dataset can hold, as config values
 _CHECK_CHUNK = 4 << 20  # bytes the finiteness check reads at a time: cache-sized, so memory stays flat
 
 
@@ -77,6 +83,31 @@ def read_meta(root: str | os.PathLike) -> dict:
     return meta
 
 
+def channels_of(meta: dict, source="meta.json") -> str:
+    """The channels of a prepared dataset's ``meta`` as a :data:`CHANNELS` value ("x,y,z" when not recorded)."""
+    channels = meta.get("channels", ["x", "y", "z"])
+    text = ",".join(channels) if isinstance(channels, list) and all(isinstance(c, str) for c in channels) else None
+    if text not in CHANNELS:
+        raise DataFormatError(source, f"channels: expected one of {[c.split(',') for c in CHANNELS]}; got "
+                              f"{quote(channels)}")
+    return text
+
+
+def recipe(meta: dict) -> dict | None:
+    """How the samples of a prepared dataset were made, for preparing new inputs the same way (the trainer keeps
+    it in its checkpoints): the meta.json entries ``dataset``, ``layout``, ``channels``, ``frames``, ``bodies`` and
+    ``options`` (the converter's settings). None for data without a meta.json (generated in memory)."""
+    if "dataset" not in meta:
+        return None
+    keys = ("dataset", "layout", "channels", "frames", "bodies", "options")
+    return {k: meta[k] for k in keys if k in meta}
+
+
+def coordinates(channels: str) -> int:
+    """How many of the ``channels`` (a :data:`CHANNELS` value) are coordinates: 3 or 2 (then maybe a score)."""
+    return 3 if channels == "x,y,z" else 2
+
+
 def check_finite(data: np.ndarray, path: str | os.PathLike, split: str) -> None:
     """Refuse a split holding NaN or inf, naming the first bad sample: such data trains to NaN, and a bad
     validation split only shows as chance accuracy. One pass in fixed-size chunks; a memory map is read
@@ -102,6 +133,25 @@ def check_finite(data: np.ndarray, path: str | os.PathLike, split: str) -> None:
             raise DataFormatError(path, f"split {split!r}: sample {start + i} holds {block.flat[first]} (channel {c}, "
                                   f"frame {t}, joint {v}, body {m}); prepared data must be finite: prepare the "
                                   "dataset again from its raw files")
+
+
+def read_rows(data: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a split as a new array. A memory map is read through its file (as
+    :func:`check_finite` does), so the rows read do not stay mapped in this process: reading a whole split in
+    batches keeps memory flat."""
+    if not (isinstance(data, np.memmap) and data.flags.c_contiguous):
+        return np.array(data[start:stop])
+    out = np.empty((max(0, min(stop, len(data)) - start),) + data.shape[1:], data.dtype)
+    view = memoryview(out.reshape(-1)).cast("B")
+    with open(data.filename, "rb", buffering=0) as f:
+        f.seek(data.offset + start * (out.nbytes // max(len(out), 1)))
+        done = 0
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise DataFormatError(data.filename, f"the file ends before row {stop} (truncated?)")
+            done += n
+    return out
 
 
 class ArrayDataset(Dataset):
@@ -142,9 +192,9 @@ class PreparedDataset(ArrayDataset):
         data_path, label_path = self.root / f"{split}_data.npy", self.root / f"{split}_label.npy"
         data = np.load(data_path, mmap_mode="r" if mmap else None)
         labels = np.load(label_path)
-        n = meta["splits"][split]
-        if data.ndim != 5 or data.dtype != np.float32 or len(data) != n:
-            raise ValueError(f"{data_path}: expected float32 (N={n}, C, T, V, M); got {data.dtype} {data.shape}")
+        n, C = meta["splits"][split], len(channels_of(meta, self.root / "meta.json").split(","))
+        if data.ndim != 5 or data.dtype != np.float32 or len(data) != n or data.shape[1] != C:
+            raise ValueError(f"{data_path}: expected float32 (N={n}, C={C}, T, V, M); got {data.dtype} {data.shape}")
         if labels.shape != (n,) or labels.dtype != np.int64:
             raise ValueError(f"{label_path}: expected int64 ({n},); got {labels.dtype} {labels.shape}")
         bad = (labels < 0) | (labels >= len(meta["classes"]))

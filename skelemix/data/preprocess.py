@@ -14,6 +14,8 @@ and per-frame ``atan2`` angles, which put every frame's shoulder vector exactly 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -70,17 +72,22 @@ def align_shoulders(x: np.ndarray, left: int = 4, right: int = 8, official: bool
     return out
 
 
-def preprocess(x: np.ndarray, frames: int = 64, center: int = 20, shoulders: tuple[int, int] = (4, 8),
-               official: bool = False, mode: str = "full") -> np.ndarray:
-    """``x (3, T, V, M)`` raw coordinates (absent bodies zero) -> float32 ``(3, frames, V, M)``.
+def preprocess(x: np.ndarray, frames: int = 64, center: int | Sequence[int] = 20,
+               shoulders: Sequence[int] | None = (4, 8), official: bool = False, mode: str = "full",
+               coords: int = 3) -> np.ndarray:
+    """``x (C, T, V, M)`` raw sequence (absent bodies zero) -> float32 ``(C, frames, V, M)``. The first
+    ``coords`` channels are coordinates (x, y, z or x, y); a further channel (a detection score) is only resized.
 
-    ``mode="full"``: centre on joint ``center`` per frame and body, resize, align the shoulders (joints
-    ``shoulders = (left, right)``). ``mode="resize"``: only the temporal resize of the whole sequence.
-    ``center=20, shoulders=(4, 8)`` are NTU's spine shoulder and shoulders; NW-UCLA uses ``center=2``.
+    ``mode="full"``: centre the coordinates on joint ``center`` (or the mean of several joints) per frame and
+    body, resize, and for 3-D data rotate the ``shoulders = (left, right)`` line onto +x (None: no rotation;
+    2-D data is never rotated). ``mode="resize"``: only the temporal resize of the whole sequence.
+    ``center=20, shoulders=(4, 8)`` are NTU's spine shoulder and shoulders (the ``origin`` and ``x_axis`` of a
+    layout file); NW-UCLA uses ``center=2``.
     """
     x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4 or x.shape[0] != 3:
-        raise ValueError(f"expected a (3, T, V, M) sequence; got shape {x.shape}")
+    if coords not in (2, 3) or x.ndim != 4 or not coords <= x.shape[0] <= 3:
+        expected = "(3, T, V, M) sequence" if coords == 3 else "(2 or 3, T, V, M) sequence (x, y and maybe a score)"
+        raise ValueError(f"expected a {expected}; got shape {x.shape}")
     if mode == "resize":
         return resize_time(x, frames).astype(np.float32)
     if mode != "full":
@@ -88,7 +95,12 @@ def preprocess(x: np.ndarray, frames: int = 64, center: int = 20, shoulders: tup
     start, stop = valid_window(x, official)
     if stop <= start:
         raise ValueError("no frame with a body present: nothing to preprocess")
-    x = x[:, start:stop]
-    x = x - x[:, :, center:center + 1]  # absent bodies (all zero) stay zero
+    x = x[:, start:stop].copy()
+    origin = [center] if isinstance(center, (int, np.integer)) else list(center)
+    # Absent bodies (all zero) stay zero. One joint is subtracted as it is (bit for bit the official centring).
+    x[:coords] -= x[:coords, :, origin[0]:origin[0] + 1] if len(origin) == 1 else \
+        x[:coords, :, origin].mean(axis=2, keepdims=True)
     x = resize_time(x, frames).astype(np.float32)
-    return align_shoulders(x, *shoulders, official=official).astype(np.float32)
+    if coords == 3 and shoulders is not None:
+        x = align_shoulders(x, *shoulders, official=official)
+    return x.astype(np.float32)

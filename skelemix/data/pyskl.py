@@ -1,12 +1,16 @@
 """PYSKL annotation pickles <-> prepared datasets.
 
 A PYSKL file is ``{"split": {name: [frame_dir, ...]}, "annotations": [{"frame_dir", "label",
-"keypoint" (M, T, V, C), "total_frames", ...}]}``. It is read with the restricted unpickler (plain
-containers and numpy arrays only; the file's content is never executed). Split names ``<benchmark>_<split>``
-(``xsub_train``, ``xview_val``, ...) become ``out/<benchmark>/<split>``; unprefixed names (``train``) make
-one dataset in ``out``. Split names and ``frame_dir`` become file names and lines, so they are checked
-(:func:`~.errors.check_name`) before anything is written. 3D keypoints of 25 (NTU) or 20 (NW-UCLA) joints
-are supported. A pickle is held in memory whole by nature, so :func:`export_pyskl` builds it in memory too.
+"keypoint" (M, T, V, C), "total_frames", ...}]}``: 3-D keypoints (C = 3, x y z) or 2-D ones (C = 2, x y,
+usually with ``"keypoint_score" (M, T, V)``, which becomes a third input channel; next to 3-D keypoints a
+score is not used). It is read with the
+restricted unpickler (plain containers and numpy arrays only; the file's content is never executed). Split
+names ``<benchmark>_<split>`` (``xsub_train``, ``xview_val``, ...) become ``out/<benchmark>/<split>``;
+unprefixed names (``train``) make one dataset in ``out``. Split names and ``frame_dir`` become file names and
+lines, so they are checked (:func:`~.errors.check_name`) before anything is written. The layout comes from the
+joint count (17: coco-17, 20: nw-ucla, 25: ntu-rgb+d) or ``layout`` (a shipped name or a layout file), and
+its ``origin`` and ``x_axis`` joints drive the preprocessing (2-D data is centred, not rotated). A pickle is
+held in memory whole by nature, so :func:`export_pyskl` builds it in memory too.
 """
 from __future__ import annotations
 
@@ -16,18 +20,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ..graph import LAYOUTS, Layout, get_layout, layout_value
 from .errors import DataFormatError, quote
 from .prepare import Candidate, Job, build
-from .prepared import read_meta
+from .prepared import channels_of, read_meta
 from .preprocess import preprocess
 from .safe_pickle import load as safe_load
 
-_LAYOUTS = {25: ("ntu-rgb+d", 20), 20: ("nw-ucla", 2)}  # joints -> (layout, centre joint)
-_LAYOUT_NAMES = sorted(name for name, _ in _LAYOUTS.values())
+_BY_JOINTS = {layout.num_joints: layout for layout in LAYOUTS.values()}  # the layout a joint count stands for
+_EXPECTED = " or ".join(f"{v} ({layout.name})" for v, layout in sorted(_BY_JOINTS.items()))
 
 
-def read_pyskl(path) -> dict:
-    """Load and validate a PYSKL annotation pickle."""
+def read_pyskl(path, layout: str | dict | Layout | None = None) -> dict:
+    """Load and validate a PYSKL annotation pickle (keypoints of ``layout``'s joint count, or of a shipped
+    layout's when None)."""
+    joints = None if layout is None else get_layout(layout).num_joints
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"PYSKL annotation file {path} not found")
@@ -55,10 +62,21 @@ def read_pyskl(path) -> dict:
             raise DataFormatError(path, f"{where}: 'keypoint' must be a float array (M, T, V, C); got "
                                   f"{getattr(kp, 'shape', type(kp).__name__)}")
         M, T, V, C = kp.shape
-        if C != 3:
-            raise DataFormatError(path, f"{where}: keypoints have {C} coordinates; only 3D (C = 3) is supported")
-        if V not in _LAYOUTS:
-            raise DataFormatError(path, f"{where}: wrong joint count: expected 25 (NTU) or 20 (NW-UCLA), found {V}")
+        if C not in (2, 3):
+            raise DataFormatError(path, f"{where}: keypoints have {C} coordinates; expected 2 (x, y) or 3 (x, y, z)")
+        if V != joints and (joints is not None or V not in _BY_JOINTS):
+            expected = f"{joints} (layout {get_layout(layout).name})" if joints is not None else \
+                f"{_EXPECTED} (or pass a layout file)"
+            raise DataFormatError(path, f"{where}: wrong joint count: expected {expected}, found {V}")
+        score = score_of(ann)
+        if score is not None:
+            if not isinstance(score, np.ndarray) or score.shape != (M, T, V) \
+                    or not np.issubdtype(score.dtype, np.floating):
+                raise DataFormatError(path, f"{where}: 'keypoint_score' must be a float array of the keypoints' "
+                                      f"(M, T, V) = {(M, T, V)}; got {getattr(score, 'shape', type(score).__name__)}")
+            with np.errstate(over="ignore"):
+                if not np.isfinite(score.astype(np.float32)).all():
+                    raise DataFormatError(path, f"{where}: non-finite keypoint_score values")
         if T < 1 or M < 1:
             raise DataFormatError(path, f"{where}: empty keypoint array {kp.shape}")
         if "total_frames" in ann and (not isinstance(ann["total_frames"], (int, np.integer))
@@ -74,37 +92,53 @@ def read_pyskl(path) -> dict:
     return data
 
 
+def score_of(ann: dict):
+    """The detection scores that become an input channel: ``keypoint_score`` of 2-D keypoints (None otherwise)."""
+    return ann.get("keypoint_score") if ann["keypoint"].shape[3] == 2 else None
+
+
 def _task(job, options):
-    kp = job.payload  # (M, T, V, C)
-    x = np.zeros((3, kp.shape[1], kp.shape[2], options["bodies"]), np.float32)
-    x[..., : kp.shape[0]] = kp.transpose(3, 1, 2, 0)[..., : options["bodies"]]
+    """One annotation ``(keypoint (M, T, V, C), keypoint_score (M, T, V) or None)`` -> a prepared sample."""
+    kp, score = job.payload
+    channels = kp.shape[3] + (score is not None)
+    x = np.zeros((channels, kp.shape[1], kp.shape[2], options["bodies"]), np.float32)
+    x[: kp.shape[3], ..., : kp.shape[0]] = kp.transpose(3, 1, 2, 0)[..., : options["bodies"]]
+    if score is not None:
+        x[-1, ..., : kp.shape[0]] = score.transpose(1, 2, 0)[..., : options["bodies"]]
     if options["preprocessing"] == "full" and not np.abs(x).any():
         return [(job.indices[0], None, None)]
-    out = preprocess(x, options["frames"], options["center"], (4, 8), options["official"], options["preprocessing"])
+    out = preprocess(x, options["frames"], options["origin"], options["x_axis"], options["official"],
+                     options["preprocessing"], coords=kp.shape[3])
     return [(job.indices[0], out, None)]
+
+
+def channel_names(coords: int, score: bool) -> list[str]:
+    return ["x", "y", "z"][:coords] + ["score"] * score
 
 
 def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preprocessing: str = "full",
                   official: bool = False, skip_bad: bool = False, workers=None, progress: bool = True,
                   force: bool = False):
-    """Convert a PYSKL 3D annotation pickle into prepared datasets (``preprocessing="resize"``: only the
-    temporal resize, for data that is already preprocessed)."""
+    """Convert a PYSKL annotation pickle (3-D, or 2-D with or without scores) into prepared datasets
+    (``preprocessing="resize"``: only the temporal resize, for data that is already preprocessed). ``layout``:
+    a shipped layout's name or a layout file; by default the shipped layout of the keypoints' joint count."""
     if preprocessing not in ("full", "resize"):
         raise ValueError(f"preprocessing must be 'full' or 'resize'; got {preprocessing!r}")
-    if layout is not None and layout not in _LAYOUT_NAMES:
-        raise ValueError(f"layout must be one of {_LAYOUT_NAMES}; got {layout!r}")
-    data = read_pyskl(pkl)
+    given = None if layout is None else get_layout(layout)
+    data = read_pyskl(pkl, given)
     anns = data["annotations"]
     if not anns:
         raise DataFormatError(pkl, "no annotations")
-    joints = {a["keypoint"].shape[2] for a in anns}
-    if len(joints) != 1:
-        raise DataFormatError(pkl, f"annotations mix joint counts {sorted(joints)}")
-    V = joints.pop()
-    if layout not in (None, _LAYOUTS[V][0]):
-        raise DataFormatError(pkl, f"the keypoints have {V} joints, the {_LAYOUTS[V][0]} layout; --layout {layout} "
-                              "needs another joint count")
-    layout = _LAYOUTS[V][0]
+    for what, kinds in (("joint counts", {a["keypoint"].shape[2] for a in anns}),
+                        ("2-D and 3-D keypoints", {a["keypoint"].shape[3] for a in anns}),
+                        ("2-D keypoints with and without keypoint_score",
+                         {score_of(a) is not None for a in anns})):
+        if len(kinds) != 1:
+            raise DataFormatError(pkl, f"annotations mix {what}" + (f" {sorted(kinds)}" if what == "joint counts"
+                                                                     else ""))
+    _, _, V, coords = anns[0]["keypoint"].shape
+    score = score_of(anns[0]) is not None
+    layout = given or _BY_JOINTS[V]
     bodies = max(a["keypoint"].shape[0] for a in anns)
     where = {}
     prefixed = any("_" in s for s in data["split"])
@@ -115,28 +149,32 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
         for name in names:
             where.setdefault(name, {})[bm] = part
     num_labels = max(int(a["label"]) for a in anns) + 1
-    classes = _classes(layout, num_labels)
+    classes = _classes(layout.name, num_labels, [a["frame_dir"] for a in anns])
     candidates, jobs, unsplit = [], [], 0
     for ann in anns:
         splits = where.get(ann["frame_dir"])
         if not splits:
             unsplit += 1
             continue
-        jobs.append(Job(str(pkl), [len(candidates)], ann["keypoint"]))  # the key names the file in errors
+        jobs.append(Job(str(pkl), [len(candidates)], (ann["keypoint"], score_of(ann))))  # key: the file
         candidates.append(Candidate(ann["frame_dir"], int(ann["label"]), splits))
     if unsplit:
         print(f"note: {unsplit} annotations are in no split and were left out")
-    options = {"frames": frames, "bodies": bodies, "center": _LAYOUTS[V][1], "official": official,
+    options = {"frames": frames, "bodies": bodies, "origin": list(layout.origin),
+               "x_axis": list(layout.x_axis) if layout.x_axis else None, "official": official,
                "preprocessing": preprocessing}
+    channels = channel_names(coords, score)
     # The keypoints are already in memory: worker processes would only copy them.
-    return build(out, dataset=f"pyskl:{Path(pkl).name}", layout=layout, classes=classes, frames=frames, joints=V,
+    return build(out, dataset=f"pyskl:{Path(pkl).name}", layout=layout_value(layout), classes=classes, frames=frames, joints=V,
                  bodies=bodies, candidates=candidates, jobs=jobs, task=_task, options=options, skip_bad=skip_bad,
-                 workers=1, progress=progress, force=force, split_names=())
+                 workers=1, progress=progress, force=force, split_names=(), channels=len(channels),
+                 extra_meta={"channels": channels})
 
 
-def _classes(layout, n):
+def _classes(layout: str, n: int, frame_dirs):
     from . import ntu, nwucla
-    if layout == "ntu-rgb+d" and n <= 120:
+    ntu_names = all(ntu.NAME.fullmatch(name) for name in frame_dirs)  # e.g. PYSKL's 2-D ntu60_hrnet.pkl
+    if (layout == "ntu-rgb+d" or ntu_names) and n <= 120:
         return list(ntu.CLASSES[: 60 if n <= 60 else 120])
     if layout == "nw-ucla" and n <= 10:
         return list(nwucla.CLASSES)
@@ -149,6 +187,7 @@ def export_pyskl(prepared, out) -> int:
     prepared = Path(prepared)
     meta = read_meta(prepared)
     bm = meta.get("benchmark")
+    score = channels_of(meta, prepared / "meta.json") == "x,y,score"
     split, anns = {}, []
     for s in meta["splits"]:
         data = np.load(prepared / f"{s}_data.npy", mmap_mode="r")
@@ -159,7 +198,10 @@ def export_pyskl(prepared, out) -> int:
         split[f"{bm}_{s}" if bm else s] = list(names)
         for x, label, name in zip(data, labels, names):
             kp = np.ascontiguousarray(np.asarray(x, np.float32).transpose(3, 1, 2, 0))  # (M, T, V, C)
-            anns.append({"frame_dir": name, "label": int(label), "keypoint": kp, "total_frames": kp.shape[1]})
+            ann = {"frame_dir": name, "label": int(label), "keypoint": kp, "total_frames": kp.shape[1]}
+            if score:
+                ann["keypoint"], ann["keypoint_score"] = np.ascontiguousarray(kp[..., :2]), kp[..., 2].copy()
+            anns.append(ann)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

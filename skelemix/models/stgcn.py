@@ -105,7 +105,7 @@ class STGCN(nn.Module):
     """ST-GCN encoder.
 
     Args:
-        in_channels: input coordinates per joint (3).
+        in_channels: input channels per joint: 3 (x, y, z), or for 2-D keypoints 2 (x, y) or 3 (x, y, score).
         hidden_channels: width of the first blocks (16 in SkeleMixCLR, 64 for standard ST-GCN).
         hidden_dim: width of the last block and of the pooled feature (256).
         num_class: output size of ``fc``; ``None`` means no ``fc`` (forward returns pooled features).

@@ -243,6 +243,50 @@ def test_double_backward_raises():
         g.sum().backward()
 
 
+# ---------------------------------------------------------------------------------------------------- NaN
+
+# (impl, device) for every implementation; triton runs in the interpreter on the CPU.
+IMPLS_ON = [pytest.param("cpp", "cpu", id="cpp"), pytest.param("cuda", "cuda", marks=pytest.mark.needs_cuda, id="cuda"),
+            pytest.param("triton", "cpu", marks=[pytest.mark.needs_triton, pytest.mark.triton_interpret],
+                         id="triton-interpreted"),
+            pytest.param("triton", "cuda", marks=[pytest.mark.needs_triton, pytest.mark.needs_cuda], id="triton-cuda")]
+
+
+def assert_close_with_nans(actual, expected, rtol, atol, name):
+    """NaN exactly where ``expected`` has NaN, and close elsewhere."""
+    got_nan, want_nan = actual.isnan().cpu(), expected.isnan().cpu()
+    assert torch.equal(got_nan, want_nan), (f"{name}: {int(got_nan.sum())} NaNs, expected {int(want_nan.sum())}; "
+                                            f"first differing index {tuple((got_nan != want_nan).nonzero()[0].tolist())}")
+    assert_close_verbose(actual.masked_fill(actual.isnan(), 0), expected.masked_fill(expected.isnan(), 0), rtol, atol,
+                         name=name)
+
+
+@pytest.mark.parametrize("where, fixed, p, relu", [("x", False, 0.3, True), ("x", True, 0.3, True),
+                                                   ("residual", False, 0.0, True), ("residual", True, 0.5, True),
+                                                   ("x", False, 0.5, False)])
+@pytest.mark.parametrize("impl, device", IMPLS_ON)
+def test_nan_reaches_output_and_gradients(impl, device, where, fixed, p, relu):
+    """A NaN in x or the residual reaches y and the gradients exactly as in the eager reference, so a diverging
+    run stays visible to the trainer's finiteness check: the ReLU passes NaN (a max with 0 would give 0, as
+    tl.maximum does) and passes the gradient where y is NaN (as torch.relu's backward: only y <= 0 is clamped).
+    With batch statistics one NaN in x makes its whole channel NaN."""
+    require_impl(impl)
+    x = torch.randn(3, 4, 5, 6, device=device)
+    res = torch.randn_like(x)
+    (x if where == "x" else res)[1, 2, 3, 4] = float("nan")
+    stats = (torch.randn(4, device=device), torch.rand(4, device=device) + 0.5) if fixed else (None, None)
+    seed = torch.tensor([0x0123456789ABCDEF], device=device)
+    leaves = [a.requires_grad_() for a in (x, torch.rand(4, device=device) + 0.5, torch.randn(4, device=device), res)]
+    args = (*leaves, *stats, seed, 1e-5, p, relu)
+    y = bn_epilogue(*args[:6], seed=seed, p=p, relu=relu, impl=impl)[0]
+    want = reference.bn_epilogue(*args)[0]
+    assert bool(want.isnan().any()), "the case must put a NaN into y"
+    assert_close_with_nans(y, want, 1e-5, 1e-5, "y")
+    grad_out = torch.randn_like(y)
+    for name, g, e in zip(NAMES, _grads(y, args, grad_out), _grads(want, args, grad_out)):
+        assert_close_with_nans(g, e, 1e-4, 1e-4 * max(e.nan_to_num().abs().max().item(), 1.0), f"grad_{name}")
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 

@@ -255,8 +255,10 @@ IMPLS_ON = [pytest.param("cpp", "cpu", id="cpp"), pytest.param("cuda", "cuda", m
 def assert_close_with_nans(actual, expected, rtol, atol, name):
     """NaN exactly where ``expected`` has NaN, and close elsewhere."""
     got_nan, want_nan = actual.isnan().cpu(), expected.isnan().cpu()
-    assert torch.equal(got_nan, want_nan), (f"{name}: {int(got_nan.sum())} NaNs, expected {int(want_nan.sum())}; "
-                                            f"first differing index {tuple((got_nan != want_nan).nonzero()[0].tolist())}")
+    if not torch.equal(got_nan, want_nan):
+        first = tuple((got_nan != want_nan).nonzero()[0].tolist())
+        raise AssertionError(f"{name}: {int(got_nan.sum())} NaNs, expected {int(want_nan.sum())}; first differing "
+                             f"index {first}")
     assert_close_verbose(actual.masked_fill(actual.isnan(), 0), expected.masked_fill(expected.isnan(), 0), rtol, atol,
                          name=name)
 

@@ -10,9 +10,10 @@ namespace skelemix {
 
 // Backward, with invstd = rsqrt(var + eps), a = weight * invstd, xhat = (x - mean) * invstd, d = keep / (1 - p)
 // (1 when p == 0), n = numel / C and sums over every element of channel c:
-//   gu = relu ? (y > 0 ? grad : 0) : grad;   grad_residual = gu;   gp = gu * d;
+//   gu = relu ? (y <= 0 ? 0 : grad) : grad;   grad_residual = gu;   gp = gu * d;
 //   grad_bias[c] = sum gp;   grad_weight[c] = sum gp * xhat;
 //   grad_x = batch_stats ? a * (gp - grad_bias / n - xhat * grad_weight / n) : a * gp.
+// A NaN y passes the gradient (NaN <= 0 is false), as in torch.relu's backward.
 
 // Caller-error checks with readable messages, run by every backend before touching data.
 void check_bn_epilogue_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

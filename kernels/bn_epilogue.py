@@ -72,7 +72,7 @@ def bn_epilogue_fwd_kernel(
     if HAS_RES:
         out += tl.load(res_ptr + i, mask=ok, other=0.0).to(tl.float32)
     if RELU:
-        out = tl.maximum(out, 0.0)
+        out = tl.where(out < 0, 0.0, out)  # NaN passes, as in torch.relu (tl.maximum would give 0)
     tl.store(y_ptr + i, out.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -82,7 +82,7 @@ def _grad_pre(g_ptr, y_ptr, seed_ptr, i, ok, threshold, keep_scale, DROPOUT: tl.
     gu = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(y_ptr + i, mask=ok, other=0.0).to(tl.float32)
-        gu = tl.where(y > 0, gu, 0.0)
+        gu = tl.where(y <= 0, 0.0, gu)  # a NaN y passes the gradient, as in torch.relu's backward
     gp = gu
     if DROPOUT:
         gp = gu * tl.where(_keep(seed_ptr, i, threshold), keep_scale, 0.0)

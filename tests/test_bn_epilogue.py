@@ -243,6 +243,172 @@ def test_double_backward_raises():
         g.sum().backward()
 
 
+# ---------------------------------------------------------------------------------------------------- NaN
+
+# (impl, device) for every implementation; triton runs in the interpreter on the CPU.
+IMPLS_ON = [pytest.param("cpp", "cpu", id="cpp"), pytest.param("cuda", "cuda", marks=pytest.mark.needs_cuda, id="cuda"),
+            pytest.param("triton", "cpu", marks=[pytest.mark.needs_triton, pytest.mark.triton_interpret],
+                         id="triton-interpreted"),
+            pytest.param("triton", "cuda", marks=[pytest.mark.needs_triton, pytest.mark.needs_cuda], id="triton-cuda")]
+
+
+def assert_close_with_nans(actual, expected, rtol, atol, name):
+    """NaN exactly where ``expected`` has NaN, and close elsewhere."""
+    got_nan, want_nan = actual.isnan().cpu(), expected.isnan().cpu()
+    if not torch.equal(got_nan, want_nan):
+        first = tuple((got_nan != want_nan).nonzero()[0].tolist())
+        raise AssertionError(f"{name}: {int(got_nan.sum())} NaNs, expected {int(want_nan.sum())}; first differing "
+                             f"index {first}")
+    assert_close_verbose(actual.masked_fill(actual.isnan(), 0), expected.masked_fill(expected.isnan(), 0), rtol, atol,
+                         name=name)
+
+
+@pytest.mark.parametrize("where, fixed, p, relu", [("x", False, 0.3, True), ("x", True, 0.3, True),
+                                                   ("residual", False, 0.0, True), ("residual", True, 0.5, True),
+                                                   ("x", False, 0.5, False)])
+@pytest.mark.parametrize("impl, device", IMPLS_ON)
+def test_nan_reaches_output_and_gradients(impl, device, where, fixed, p, relu):
+    """A NaN in x or the residual reaches y and the gradients exactly as in the eager reference, so a diverging
+    run stays visible to the trainer's finiteness check: the ReLU passes NaN (a max with 0 would give 0, as
+    tl.maximum does) and passes the gradient where y is NaN (as torch.relu's backward: only y <= 0 is clamped).
+    With batch statistics one NaN in x makes its whole channel NaN."""
+    require_impl(impl)
+    x = torch.randn(3, 4, 5, 6, device=device)
+    res = torch.randn_like(x)
+    (x if where == "x" else res)[1, 2, 3, 4] = float("nan")
+    stats = (torch.randn(4, device=device), torch.rand(4, device=device) + 0.5) if fixed else (None, None)
+    seed = torch.tensor([0x0123456789ABCDEF], device=device)
+    leaves = [a.requires_grad_() for a in (x, torch.rand(4, device=device) + 0.5, torch.randn(4, device=device), res)]
+    args = (*leaves, *stats, seed, 1e-5, p, relu)
+    y = bn_epilogue(*args[:6], seed=seed, p=p, relu=relu, impl=impl)[0]
+    want = reference.bn_epilogue(*args)[0]
+    assert bool(want.isnan().any()), "the case must put a NaN into y"
+    assert_close_with_nans(y, want, 1e-5, 1e-5, "y")
+    grad_out = torch.randn_like(y)
+    for name, g, e in zip(NAMES, _grads(y, args, grad_out), _grads(want, args, grad_out)):
+        assert_close_with_nans(g, e, 1e-4, 1e-4 * max(e.nan_to_num().abs().max().item(), 1.0), f"grad_{name}")
+
+
+# ------------------------------------------------------------------------------ the CUDA kernels' reductions
+
+
+def reduction_threads(n: int) -> int:
+    """csrc/cuda/helpers.cuh's reduction_threads: a whole number of warps, 32 to 256."""
+    return min(max(-(-n // 32) * 32, 32), 256)
+
+
+def channel_reduce_emulated(rows, merge, empty):
+    """The order in which the channel kernels of csrc/cuda/bn_epilogue_kernel.cu combine each channel's N row
+    partials, on the CPU and vectorised over the channels. rows: one (C, N) tensor per component of a partial;
+    merge(a, b) combines two partials; empty is the partial of no row. Thread t of T = reduction_threads(N) takes
+    rows t, t + T, ... in order; a warp combines its 32 threads by a shuffle tree in which lane l takes lane l + k
+    for k = 16, 8, 4, 2, 1 (a lane whose partner is past the warp keeps its value); warp 0 combines the warps'
+    results by the same tree, padded with empty partials."""
+    N = rows[0].shape[1]
+    T = reduction_threads(N)
+    threads = []
+    for t in range(T):
+        acc = empty
+        for n in range(t, N, T):
+            acc = merge(acc, tuple(r[:, n] for r in rows))
+        threads.append(acc)
+
+    def warp(lanes):
+        for k in (16, 8, 4, 2, 1):
+            lanes = [merge(lanes[l], lanes[l + k]) if l + k < 32 else lanes[l] for l in range(32)]
+        return lanes[0]
+
+    warps = [warp(threads[w:w + 32]) for w in range(0, T, 32)]
+    return warp(warps + [empty] * (32 - len(warps)))
+
+
+def merge_moments(a, b):
+    """The kernel's merge(): Chan et al.'s merge of (count, mean, M2); an empty side leaves the other as it is."""
+    (ca, ma, qa), (cb, mb, qb) = a, b
+    count, delta = ca + cb, mb - ma
+    share_b = cb / count.clamp(min=1)
+    merged = (count, ma + delta * share_b, qa + qb + delta * delta * (ca * share_b))
+    return tuple(torch.where(cb == 0, u, torch.where(ca == 0, v, w)) for u, v, w in zip(a, b, merged))
+
+
+def row_moments_emulated(x):
+    """The row kernel's (mean, M2) of every row of x (N, C, L) as (C, N) float64: both passes over x - shift
+    (the row's first element) in x's accumulation dtype, the mean shift + offset in double."""
+    rows = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).transpose(0, 1)
+    d = rows - rows[..., :1]
+    offset = d.sum(-1) / rows.shape[-1]
+    m2 = (d - offset[..., None]).square().sum(-1)
+    return rows[..., 0].double() + offset.double(), m2.double()
+
+
+@pytest.mark.parametrize("N", [1, 5, 31, 32, 33, 257, 600])
+def test_cuda_reduction_order_emulated(N):
+    """The CUDA kernels' statistics and channel sums, replayed on the CPU in their fixed order: every row is
+    counted once (exact with float64 rows and integer sums), and with the float32 row passes the kernel runs the
+    statistics of data whose mean is 1000 x its spread keep float32 accuracy relative to the spread, as the CPU
+    kernel's shifted double sums do (a float32 row mean without the shift loses three digits there)."""
+    C, L = 3, 7
+    x = (1000 + torch.randn(N, C, L, dtype=torch.float64)).float()
+    want_var, want_mean = torch.var_mean(x.double(), dim=[0, 2], correction=0)
+    count = torch.full((C, N), float(L), dtype=torch.float64)
+    empty = tuple(torch.zeros(C, dtype=torch.float64) for _ in range(3))
+
+    total, mean, m2 = channel_reduce_emulated((count, *row_moments_emulated(x.double())), merge_moments, empty)
+    assert total.tolist() == [N * L] * C
+    assert_close_verbose(mean, want_mean, 1e-14, 0, name="mean, float64 rows")
+    assert_close_verbose(m2 / total, want_var, 1e-11, 0, name="var, float64 rows")
+
+    row_mean, row_m2 = row_moments_emulated(x)
+    _, mean, m2 = channel_reduce_emulated((count, row_mean, row_m2), merge_moments, empty)
+    assert_close_verbose(mean, want_mean, 0, 2e-7, name="mean, float32 rows")  # the spread is 1
+    assert_close_verbose(m2 / total, want_var, 1e-6, 0, name="var, float32 rows")
+    plain_row_mean = (x.transpose(0, 1).sum(-1) / L).double()  # without the shift: 1e-5 off, this test fails
+    _, plain_mean, _ = channel_reduce_emulated((count, plain_row_mean, row_m2), merge_moments, empty)
+    assert (plain_mean - want_mean).abs().max() > 2e-7, "the data must defeat a float32 mean"
+
+    parts = torch.randint(-2**20, 2**20, (2, C, N), dtype=torch.float64)  # exact sums: a lost row would show
+    sums = channel_reduce_emulated(tuple(parts), lambda a, b: (a[0] + b[0], a[1] + b[1]), empty[:2])
+    assert torch.equal(torch.stack(sums), parts.sum(-1))
+
+
+# Shapes that run every loop of the CUDA kernels: channels past the grid's 65535 blocks (channel and row kernels,
+# and the elementwise kernels' channel loop at one channel per block), samples past it (row kernels, elementwise
+# sample loop), a row longer than 65535 blocks of 256 (elementwise cell loop), batch sizes around a channel
+# kernel's warps (not a multiple of 32, more than its 256 threads), one cell per row and an empty batch.
+CUDA_SHAPES = [(3, 70000, 5), (1, 70000, 256), (70000, 1, 256), (1, 1, 65535 * 256 + 77), (37, 3), (300, 5, 7),
+               (33, 6, 25, 3), (0, 4, 5)]
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_kernels_cover_large_and_odd_shapes(shape):
+    """impl=cuda on those shapes (batch statistics, residual, dropout; no ReLU, whose clamp at 0 would make the
+    comparison with float64 flip on rounding) against the float64 reference: y, statistics and every gradient;
+    and a second call gives the same bits (fixed-order reductions)."""
+    require_impl("cuda")
+    C = shape[1]
+    x = 3 + 2 * torch.randn(shape, device="cuda")
+    args = [x, torch.rand(C, device="cuda") + 0.5, torch.randn(C, device="cuda"), torch.randn_like(x)]
+    seed = torch.tensor([0x0123456789ABCDEF], device="cuda")
+    grad_out = torch.randn_like(x)
+
+    def run(impl, tensors):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        y, mean, var = bn_epilogue(*leaves, seed=seed, p=0.3, relu=False, impl=impl)
+        return (y, mean, var, *torch.autograd.grad(y, leaves, grad_out.to(y.dtype)))
+
+    got = run("cuda", args)
+    want = list(run("eager", [a.double() for a in args]))
+    if x.numel() == 0:  # grad_weight: the kernels' sum over no element is 0; eager multiplies it by the NaN invstd
+        want[4] = torch.zeros_like(want[4])
+    names = ("y", "mean", "var", *(f"grad_{n}" for n in NAMES))
+    for name, g, e in zip(names, got, want):
+        scale = e.nan_to_num().abs().max().item() if e.numel() else 0.0
+        assert_close_with_nans(g.double(), e, 1e-4, 1e-4 * max(scale, 1.0), name)
+    for name, a, b in zip(names, got, run("cuda", args)):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{name} differs between two identical calls"
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 

@@ -116,6 +116,18 @@ void for_each_piece(int64_t base, int64_t L, const Dropout& drop, F&& piece) {
   }
 }
 
+// ReLU and its gradient as torch.relu computes them: a NaN v passes the forward, and a NaN y passes the gradient
+// (only y <= 0 is clamped), so a diverging run stays visible to the trainer's finiteness check.
+template <typename acc_t>
+inline acc_t relu_keep_nan(acc_t v) {
+  return v < acc_t(0) ? acc_t(0) : v;
+}
+
+template <typename acc_t>
+inline acc_t relu_grad_keep_nan(acc_t grad, acc_t y) {
+  return y <= acc_t(0) ? acc_t(0) : grad;
+}
+
 // The dropout factor of an element with these bits: scale if kept, else 0. A multiply rather than a branch: the
 // branch is mispredicted half the time and keeps the loop from vectorising (5x slower).
 template <typename acc_t>
@@ -183,12 +195,12 @@ void forward_rows(const scalar_t* x, const scalar_t* residual, const acc_of<scal
         if (rs) {
           for (int64_t j = 0; j < len; ++j) {
             const acc_t v = value(j) + static_cast<acc_t>(rs[j]);
-            ys[j] = static_cast<scalar_t>(kRelu ? std::max(v, acc_t(0)) : v);
+            ys[j] = static_cast<scalar_t>(kRelu ? relu_keep_nan(v) : v);
           }
         } else {
           for (int64_t j = 0; j < len; ++j) {
             const acc_t v = value(j);
-            ys[j] = static_cast<scalar_t>(kRelu ? std::max(v, acc_t(0)) : v);
+            ys[j] = static_cast<scalar_t>(kRelu ? relu_keep_nan(v) : v);
           }
         }
       });
@@ -225,7 +237,7 @@ void backward_pass1(const BackwardArgs<scalar_t>& t, Dropout drop) {
         const scalar_t* ys = t.y + base + off;
         auto gu_of = [&](int64_t j) {
           const acc_t gj = static_cast<acc_t>(g[j]);
-          return kRelu ? (static_cast<acc_t>(ys[j]) > 0 ? gj : acc_t(0)) : gj;
+          return kRelu ? relu_grad_keep_nan(gj, static_cast<acc_t>(ys[j])) : gj;
         };
         auto gp_of = [&](int64_t j, acc_t gu) {
           if constexpr (kDrop) return gu * keep_factor(bits[j], drop.threshold, scale);
@@ -281,7 +293,7 @@ void backward_pass2(const BackwardArgs<scalar_t>& t, Dropout drop) {
         scalar_t* gx = t.grad_x + base + off;
         for (int64_t j = 0; j < len; ++j) {
           acc_t gp = static_cast<acc_t>(g[j]);
-          if constexpr (kRelu) gp = static_cast<acc_t>(ys[j]) > 0 ? gp : acc_t(0);
+          if constexpr (kRelu) gp = relu_grad_keep_nan(gp, static_cast<acc_t>(ys[j]));
           if constexpr (kDrop) gp *= keep_factor(bits[j], drop.threshold, scale);
           const acc_t xhat = (static_cast<acc_t>(xs[j]) - m) * is;
           gx[j] = static_cast<scalar_t>(ac * (gp - mean_gp - xhat * mean_gp_xhat));

@@ -1,9 +1,17 @@
 // CUDA kernels of skelemix::bn_epilogue and skelemix::_bn_epilogue_backward (semantics: skelemix.reference.bn_epilogue;
-// backward math: bn_epilogue.h). x is viewed as contiguous (N, C, L): row = n * C + c holds channel c of sample n,
-// and element i = row * L + l is x's flat row-major index, the Philox counter of its dropout bits.
+// backward math: bn_epilogue.h). x is viewed as contiguous (N, C, L): row (n, c) holds channel c of sample n, and
+// element i = (n * C + c) * L + l is x's flat row-major index, the Philox counter of its dropout bits.
 //
-// Reductions are deterministic (no float atomics): one block per row writes the row's partial result to an
-// (N, C) buffer, then one thread per channel combines its N rows in order.
+// Every kernel walks n, c and l with grid-stride loops on separate grid (and block) dimensions, so no index is
+// ever divided. Reductions are deterministic: a fixed partition and a fixed order, no float atomics.
+//   1. One block per row (n, c) reduces the row and writes its partial result to a channel-major (C, N) buffer.
+//   2. One block of T = reduction_threads(N) threads per channel combines the channel's N partials in double:
+//      thread t takes rows t, t + T, t + 2T, ... in that order, then a tree combines the threads (a warp-shuffle
+//      tree in each warp, lane l taking lane l + k for k = 16, 8, 4, 2, 1, and the same tree in warp 0 over the
+//      warps' results). tests/test_bn_epilogue.py replays this order on the CPU (channel_reduce_emulated).
+// The forward's statistics: per row its mean and the sum of squared deviations M2 (two passes over the row, shifted
+// by its first element), then per channel the merge of the rows' (count, mean, M2) by Chan et al.'s formula. Neither
+// step cancels when the mean is large next to the spread (as the CPU kernel's shifted sums in double).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -13,6 +21,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -25,8 +34,41 @@ namespace skelemix {
 namespace {
 
 using cuda::block_sum;
+using cuda::capped_blocks;
+using cuda::reduction_threads;
 
 constexpr int kElementwiseThreads = 256;
+constexpr int64_t kMaxBlockZ = 64;  // CUDA's limit on blockDim.z
+
+// Grid-stride loop of `var` over [0, n) along grid dimension `dim` (x, y or z): block b, thread t of each block.
+#define BN_GRID_LOOP(var, dim, n)                                                                       \
+  for (int64_t var = static_cast<int64_t>(blockIdx.dim) * blockDim.dim + threadIdx.dim; var < (n); \
+       var += static_cast<int64_t>(blockDim.dim) * gridDim.dim)
+
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// The launch of the elementwise kernels: grid and block dimensions x, y, z over l, c, n. A block has at most 256
+// threads, as many along the contiguous cells l as they fill (a warp reads consecutive addresses), the rest over
+// channels, then samples; short rows (L < 32) put several rows in a warp.
+struct ElementwiseLaunch {
+  dim3 grid, block;
+};
+
+ElementwiseLaunch elementwise_launch(int64_t N, int64_t C, int64_t L) {
+  const int64_t threads = kElementwiseThreads;
+  const int64_t bl = std::min(next_pow2(L), threads);
+  const int64_t bc = std::min(next_pow2(C), threads / bl);
+  const int64_t bn = std::min({next_pow2(N), threads / (bl * bc), kMaxBlockZ});
+  return {dim3(capped_blocks(L, bl), capped_blocks(C, bc), capped_blocks(N, bn)),
+          dim3(static_cast<unsigned>(bl), static_cast<unsigned>(bc), static_cast<unsigned>(bn))};
+}
+
+// The launch of the per-row kernels: one block per row (n, c), grid x over n and y over c.
+dim3 row_grid(int64_t N, int64_t C) { return dim3(capped_blocks(N, 1), capped_blocks(C, 1)); }
 
 // Dropout and ReLU settings shared by the forward and backward kernels. The seed stays on the device and is read
 // by the kernel (no host sync, so the op can be captured in a CUDA graph).
@@ -61,12 +103,13 @@ __device__ __forceinline__ acc_t dropout_factor(const Epilogue<acc_t>& e, const 
   return dropout_bits(static_cast<uint64_t>(i), k.k0, k.k1) >= e.threshold ? e.scale : acc_t(0);
 }
 
-// The gradient reaching the dropout output: grad, zeroed where the ReLU clamped (y <= 0).
+// The gradient reaching the dropout output: grad, zeroed where the ReLU clamped (y <= 0). A NaN y passes the
+// gradient, as torch.relu's backward does.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t relu_grad(const Epilogue<acc_t>& e, const scalar_t* grad, const scalar_t* y,
                                            int64_t i) {
   const acc_t g = static_cast<acc_t>(grad[i]);
-  return (e.relu && !(static_cast<acc_t>(y[i]) > acc_t(0))) ? acc_t(0) : g;
+  return (e.relu && static_cast<acc_t>(y[i]) <= acc_t(0)) ? acc_t(0) : g;
 }
 
 template <typename acc_t>
@@ -74,53 +117,118 @@ __device__ __forceinline__ acc_t inv_std(acc_t var, acc_t eps) {
   return acc_t(1) / std::sqrt(var + eps);
 }
 
-// ---- forward ----
+// ---- channel reductions (step 2 above) ----
 
-// Per row: its mean and its sum of squared deviations M2 (two passes over the row, which stays in cache).
-template <typename scalar_t, typename acc_t>
-__global__ void row_moments_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ row_mean,
-                                   acc_t* __restrict__ row_m2, int64_t rows, int64_t L) {
-  __shared__ acc_t shared[32];
-  __shared__ acc_t mean_shared;
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const scalar_t* xr = x + row * L;
-    acc_t s = 0;
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) s += static_cast<acc_t>(xr[l]);
-    s = block_sum(s, shared);
-    if (threadIdx.x == 0) mean_shared = s / static_cast<acc_t>(L);
-    __syncthreads();
-    const acc_t m = mean_shared;
-    acc_t q = 0;
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-      const acc_t d = static_cast<acc_t>(xr[l]) - m;
-      q += d * d;
+// Moments of a set of elements: their count, mean and M2 (sum of squared deviations from the mean).
+struct Moments {
+  double count, mean, m2;
+};
+
+// Chan et al.'s merge of the moments of two disjoint sets; an empty set (count 0) leaves the other as it is.
+__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const double count = a.count + b.count, delta = b.mean - a.mean, share_b = b.count / count;
+  return {count, a.mean + delta * share_b, a.m2 + b.m2 + delta * delta * (a.count * share_b)};
+}
+
+// Lane 0 gets the merge of the warp's 32 values by the fixed tree of cuda::warp_sum.
+__device__ __forceinline__ Moments warp_merge(Moments m) {
+  const int lane = threadIdx.x % 32;
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const Moments other{__shfl_down_sync(0xffffffffu, m.count, offset),
+                        __shfl_down_sync(0xffffffffu, m.mean, offset), __shfl_down_sync(0xffffffffu, m.m2, offset)};
+    if (lane + offset < 32) m = merge(m, other);
+  }
+  return m;
+}
+
+// The merge of `m` over the block, valid in thread 0, in the order of cuda::block_sum (blockDim.x a multiple of
+// 32). Every thread of the block must call it.
+__device__ __forceinline__ Moments block_merge(Moments m, Moments* shared) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  m = warp_merge(m);
+  if (lane == 0) shared[warp] = m;
+  __syncthreads();
+  m = (threadIdx.x < blockDim.x / 32) ? shared[lane] : Moments{0, 0, 0};
+  if (warp == 0) m = warp_merge(m);
+  __syncthreads();  // `shared` may be reused right after
+  return m;
+}
+
+// Per channel: the batch mean and biased variance M2 / (N * L) from the rows' moments (channel-major (C, N)).
+template <typename acc_t>
+__global__ void channel_moments_kernel(const double* __restrict__ row_mean, const double* __restrict__ row_m2,
+                                       acc_t* __restrict__ mean, acc_t* __restrict__ var, int64_t N, int64_t C,
+                                       int64_t L) {
+  __shared__ Moments shared[32];
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    Moments m{0, 0, 0};
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      const int64_t r = c * N + n;
+      m = merge(m, Moments{static_cast<double>(L), row_mean[r], row_m2[r]});
     }
-    // block_sum synchronises, so every thread has read mean_shared before thread 0 rewrites it.
-    q = block_sum(q, shared);
+    m = block_merge(m, shared);
     if (threadIdx.x == 0) {
-      row_mean[row] = m;
-      row_m2[row] = q;
+      mean[c] = static_cast<acc_t>(m.mean);
+      var[c] = static_cast<acc_t>(m.m2 / m.count);
     }
   }
 }
 
-// Per channel: merges its N rows (L elements each) in order with Chan's formula, giving the batch mean and the
-// biased variance M2 / (N * L).
+// Per channel: grad_bias and grad_weight, the sums of the rows' sums of gp and gp * xhat (channel-major (C, N)).
 template <typename acc_t>
-__global__ void channel_moments_kernel(const acc_t* __restrict__ row_mean, const acc_t* __restrict__ row_m2,
-                                       acc_t* __restrict__ mean, acc_t* __restrict__ var, int64_t N, int64_t C,
-                                       int64_t L) {
-  SKELEMIX_CUDA_1D_KERNEL_LOOP(c, C) {
-    acc_t m = row_mean[c], m2 = row_m2[c];
-    for (int64_t n = 1; n < N; ++n) {
-      // Merge n * L elements (m, m2) with L more (row n): delta * L / ((n + 1) L), delta^2 * n L * L / ((n + 1) L).
-      const acc_t delta = row_mean[n * C + c] - m;
-      const acc_t k = static_cast<acc_t>(n);
-      m += delta / (k + 1);
-      m2 += row_m2[n * C + c] + delta * delta * (k * static_cast<acc_t>(L) / (k + 1));
+__global__ void channel_sums_kernel(const acc_t* __restrict__ row_sum_gp, const acc_t* __restrict__ row_sum_gp_xhat,
+                                    acc_t* __restrict__ grad_bias, acc_t* __restrict__ grad_weight, int64_t N,
+                                    int64_t C) {
+  __shared__ double shared[32];
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    double sb = 0, sw = 0;
+    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      sb += static_cast<double>(row_sum_gp[c * N + n]);
+      sw += static_cast<double>(row_sum_gp_xhat[c * N + n]);
     }
-    mean[c] = m;
-    var[c] = m2 / (static_cast<acc_t>(N) * static_cast<acc_t>(L));
+    sb = block_sum(sb, shared);
+    sw = block_sum(sw, shared);
+    if (threadIdx.x == 0) {
+      grad_bias[c] = static_cast<acc_t>(sb);
+      grad_weight[c] = static_cast<acc_t>(sw);
+    }
+  }
+}
+
+// ---- forward ----
+
+// Per row (n, c): its mean and M2 at [c * N + n]. Two passes over the row (which stays in cache), both over
+// x - shift with shift the row's first element: that difference is exact where x is near the shift, so a mean that
+// is large next to the spread costs no digits (the mean is shift + the mean of x - shift, kept in double).
+template <typename scalar_t, typename acc_t>
+__global__ void row_moments_kernel(const scalar_t* __restrict__ x, double* __restrict__ row_mean,
+                                   double* __restrict__ row_m2, int64_t N, int64_t C, int64_t L) {
+  __shared__ acc_t shared[32];
+  __shared__ acc_t offset_shared;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+    for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+      const scalar_t* xr = x + (n * C + c) * L;
+      const acc_t shift = static_cast<acc_t>(xr[0]);
+      acc_t s = 0;
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) s += static_cast<acc_t>(xr[l]) - shift;
+      s = block_sum(s, shared);
+      if (threadIdx.x == 0) offset_shared = s / static_cast<acc_t>(L);
+      __syncthreads();
+      const acc_t offset = offset_shared;
+      acc_t q = 0;
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+        const acc_t d = (static_cast<acc_t>(xr[l]) - shift) - offset;
+        q += d * d;
+      }
+      // block_sum synchronises, so every thread has read offset_shared before thread 0 rewrites it.
+      q = block_sum(q, shared);
+      if (threadIdx.x == 0) {
+        row_mean[c * N + n] = static_cast<double>(shift) + static_cast<double>(offset);
+        row_m2[c * N + n] = static_cast<double>(q);
+      }
+    }
   }
 }
 
@@ -129,92 +237,92 @@ template <typename scalar_t, typename acc_t>
 __global__ void bn_epilogue_forward_kernel_impl(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
                                                 const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
-                                                scalar_t* __restrict__ y, int64_t numel, int64_t C, int64_t L,
-                                                acc_t eps, Epilogue<acc_t> e) {
+                                                scalar_t* __restrict__ y, int64_t N, int64_t C, int64_t L, acc_t eps,
+                                                Epilogue<acc_t> e) {
   const DropoutKeys keys = load_keys(e);
-  SKELEMIX_CUDA_1D_KERNEL_LOOP(i, numel) {
-    const int64_t c = (i / L) % C;
-    const acc_t a = weight[c] * inv_std(var[c], eps);
-    acc_t v = (static_cast<acc_t>(x[i]) - mean[c]) * a + bias[c];
-    if (e.dropout) v *= dropout_factor(e, keys, i);  // a multiply, as in the reference (0 * inf stays NaN)
-    if (residual != nullptr) v += static_cast<acc_t>(residual[i]);
-    if (e.relu) v = v < acc_t(0) ? acc_t(0) : v;  // NaN passes through, as torch.relu
-    y[i] = static_cast<scalar_t>(v);
+  BN_GRID_LOOP(n, z, N) {
+    BN_GRID_LOOP(c, y, C) {
+      const acc_t m = mean[c], a = weight[c] * inv_std(var[c], eps), b = bias[c];
+      const int64_t row = (n * C + c) * L;
+      BN_GRID_LOOP(l, x, L) {
+        const int64_t i = row + l;
+        acc_t v = (static_cast<acc_t>(x[i]) - m) * a + b;
+        if (e.dropout) v *= dropout_factor(e, keys, i);  // a multiply, as in the reference (0 * inf stays NaN)
+        if (residual != nullptr) v += static_cast<acc_t>(residual[i]);
+        if (e.relu) v = v < acc_t(0) ? acc_t(0) : v;  // NaN passes through, as torch.relu
+        y[i] = static_cast<scalar_t>(v);
+      }
+    }
   }
 }
 
 // ---- backward ----
 
-// Per row: sum gp and sum gp * xhat with gp the gradient of the BatchNorm output (bn_epilogue.h).
+// Per row (n, c): the sums of gp and gp * xhat with gp the gradient of the BatchNorm output (bn_epilogue.h), at
+// [c * N + n].
 template <typename scalar_t, typename acc_t>
 __global__ void backward_row_sums_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ y, const acc_t* __restrict__ mean,
                                          const acc_t* __restrict__ var, acc_t* __restrict__ row_sum_gp,
-                                         acc_t* __restrict__ row_sum_gp_xhat, int64_t rows, int64_t C, int64_t L,
+                                         acc_t* __restrict__ row_sum_gp_xhat, int64_t N, int64_t C, int64_t L,
                                          acc_t eps, Epilogue<acc_t> e) {
   __shared__ acc_t shared[32];
   const DropoutKeys keys = load_keys(e);
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const int64_t c = row % C;
+  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
     const acc_t m = mean[c], invstd = inv_std(var[c], eps);
-    acc_t sb = 0, sw = 0;
-    for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
-      const int64_t i = row * L + l;
-      const acc_t gp = relu_grad(e, grad, y, i) * dropout_factor(e, keys, i);
-      sb += gp;
-      sw += gp * ((static_cast<acc_t>(x[i]) - m) * invstd);
+    for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+      const int64_t row = (n * C + c) * L;
+      acc_t sb = 0, sw = 0;
+      for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+        const int64_t i = row + l;
+        const acc_t gp = relu_grad(e, grad, y, i) * dropout_factor(e, keys, i);
+        sb += gp;
+        sw += gp * ((static_cast<acc_t>(x[i]) - m) * invstd);
+      }
+      sb = block_sum(sb, shared);
+      sw = block_sum(sw, shared);
+      if (threadIdx.x == 0) {
+        row_sum_gp[c * N + n] = sb;
+        row_sum_gp_xhat[c * N + n] = sw;
+      }
     }
-    sb = block_sum(sb, shared);
-    sw = block_sum(sw, shared);
-    if (threadIdx.x == 0) {
-      row_sum_gp[row] = sb;
-      row_sum_gp_xhat[row] = sw;
-    }
-  }
-}
-
-// Per channel: grad_bias = sum over n of the row sums of gp, grad_weight likewise of gp * xhat, in order.
-template <typename acc_t>
-__global__ void channel_sums_kernel(const acc_t* __restrict__ row_sum_gp, const acc_t* __restrict__ row_sum_gp_xhat,
-                                    acc_t* __restrict__ grad_bias, acc_t* __restrict__ grad_weight, int64_t N,
-                                    int64_t C) {
-  SKELEMIX_CUDA_1D_KERNEL_LOOP(c, C) {
-    acc_t sb = 0, sw = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      sb += row_sum_gp[n * C + c];
-      sw += row_sum_gp_xhat[n * C + c];
-    }
-    grad_bias[c] = sb;
-    grad_weight[c] = sw;
   }
 }
 
 // grad_residual = gu and grad_x = a * gp (fixed statistics) or a * (gp - grad_bias / n - xhat * grad_weight / n)
-// (batch statistics: grad_bias/grad_weight non-null). Null outputs are skipped.
+// (batch statistics: grad_bias/grad_weight non-null), n = N * L. Null outputs are skipped.
 template <typename scalar_t, typename acc_t>
 __global__ void backward_elementwise_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                             const scalar_t* __restrict__ y, const acc_t* __restrict__ weight,
                                             const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
                                             const acc_t* __restrict__ grad_bias, const acc_t* __restrict__ grad_weight,
                                             scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_residual,
-                                            int64_t numel, int64_t C, int64_t L, acc_t eps, Epilogue<acc_t> e) {
+                                            int64_t N, int64_t C, int64_t L, acc_t eps, Epilogue<acc_t> e) {
   const DropoutKeys keys = load_keys(e);
-  const acc_t n = static_cast<acc_t>(numel / C);
-  SKELEMIX_CUDA_1D_KERNEL_LOOP(i, numel) {
-    const acc_t gu = relu_grad(e, grad, y, i);
-    if (grad_residual != nullptr) grad_residual[i] = static_cast<scalar_t>(gu);
-    if (grad_x != nullptr) {
-      const int64_t c = (i / L) % C;
-      const acc_t invstd = inv_std(var[c], eps), a = weight[c] * invstd;
-      const acc_t gp = gu * dropout_factor(e, keys, i);
-      acc_t gx;
-      if (grad_bias != nullptr) {
-        const acc_t xhat = (static_cast<acc_t>(x[i]) - mean[c]) * invstd;
-        gx = a * (gp - grad_bias[c] / n - xhat * grad_weight[c] / n);
-      } else {
-        gx = a * gp;
+  const acc_t count = static_cast<acc_t>(N * L);
+  BN_GRID_LOOP(n, z, N) {
+    BN_GRID_LOOP(c, y, C) {
+      const acc_t m = mean[c], invstd = inv_std(var[c], eps), a = weight[c] * invstd;
+      const bool batch_stats = grad_bias != nullptr;
+      const acc_t mean_gp = batch_stats ? grad_bias[c] / count : acc_t(0);
+      const acc_t mean_gp_xhat = batch_stats ? grad_weight[c] / count : acc_t(0);
+      const int64_t row = (n * C + c) * L;
+      BN_GRID_LOOP(l, x, L) {
+        const int64_t i = row + l;
+        const acc_t gu = relu_grad(e, grad, y, i);
+        if (grad_residual != nullptr) grad_residual[i] = static_cast<scalar_t>(gu);
+        if (grad_x != nullptr) {
+          const acc_t gp = gu * dropout_factor(e, keys, i);
+          acc_t gx;
+          if (batch_stats) {
+            const acc_t xhat = (static_cast<acc_t>(x[i]) - m) * invstd;
+            gx = a * (gp - mean_gp - xhat * mean_gp_xhat);
+          } else {
+            gx = a * gp;
+          }
+          grad_x[i] = static_cast<scalar_t>(gx);
+        }
       }
-      grad_x[i] = static_cast<scalar_t>(gx);
     }
   }
 }
@@ -243,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_epilogue_forward_kernel(
     }
     return {y, at::empty({0}, acc_options), at::empty({0}, acc_options)};
   }
-  const int64_t N = x.size(0), C = x.size(1), numel = x.numel(), L = numel / (N * C), rows = N * C;
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C), rows = N * C;
   const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
   const at::Tensor residual = residual_.has_value() ? residual_->contiguous() : at::Tensor();
   at::Tensor mean, var;
@@ -258,21 +366,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_epilogue_forward_kernel(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_epilogue_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;  // float for float/half/bfloat16, double for double
     if (batch_stats) {
-      at::Tensor moments = at::empty({2, rows}, acc_options);
-      acc_t* row_mean = moments.mutable_data_ptr<acc_t>();
-      row_moments_kernel<scalar_t, acc_t><<<cuda::capped_blocks(rows, 1), cuda::reduction_threads(L), 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), row_mean, row_mean + rows, rows, L);
+      at::Tensor moments = at::empty({2, C, N}, x.options().dtype(at::kDouble));  // row means, then row M2s
+      double* row_mean = moments.mutable_data_ptr<double>();
+      row_moments_kernel<scalar_t, acc_t><<<row_grid(N, C), reduction_threads(L), 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), row_mean, row_mean + rows, N, C, L);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      channel_moments_kernel<acc_t><<<cuda::capped_blocks(C, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+      channel_moments_kernel<acc_t><<<capped_blocks(C, 1), reduction_threads(N), 0, stream>>>(
           row_mean, row_mean + rows, mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), N, C, L);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    bn_epilogue_forward_kernel_impl<scalar_t, acc_t>
-        <<<cuda::capped_blocks(numel, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
-            weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
-            var.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), numel, C, L, static_cast<acc_t>(eps),
-            make_epilogue<acc_t>(seed, p, relu));
+    const ElementwiseLaunch launch = elementwise_launch(N, C, L);
+    bn_epilogue_forward_kernel_impl<scalar_t, acc_t><<<launch.grid, launch.block, 0, stream>>>(
+        x.const_data_ptr<scalar_t>(), residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+        weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+        var.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), N, C, L, static_cast<acc_t>(eps),
+        make_epilogue<acc_t>(seed, p, relu));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (batch_stats) return {y, mean, var};
@@ -311,29 +419,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_epilogue_backward_
       using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
       const Epilogue<acc_t> e = make_epilogue<acc_t>(seed, p, relu);
       if (need_sums) {
-        at::Tensor sums = at::empty({2, rows}, acc_options);
+        at::Tensor sums = at::empty({2, C, N}, acc_options);  // row sums of gp, then of gp * xhat
         acc_t* row_sum_gp = sums.mutable_data_ptr<acc_t>();
-        backward_row_sums_kernel<scalar_t, acc_t>
-            <<<cuda::capped_blocks(rows, 1), cuda::reduction_threads(L), 0, stream>>>(
-                grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), row_sum_gp, row_sum_gp + rows, rows, C, L,
-                static_cast<acc_t>(eps), e);
+        backward_row_sums_kernel<scalar_t, acc_t><<<row_grid(N, C), reduction_threads(L), 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+            mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(), row_sum_gp, row_sum_gp + rows, N, C, L,
+            static_cast<acc_t>(eps), e);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        channel_sums_kernel<acc_t><<<cuda::capped_blocks(C, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
+        channel_sums_kernel<acc_t><<<capped_blocks(C, 1), reduction_threads(N), 0, stream>>>(
             row_sum_gp, row_sum_gp + rows, grad_bias.mutable_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>(),
             N, C);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       if (need_x || need_r) {
         const bool use_sums = need_x && batch_stats;
-        backward_elementwise_kernel<scalar_t, acc_t>
-            <<<cuda::capped_blocks(numel, kElementwiseThreads), kElementwiseThreads, 0, stream>>>(
-                grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                weight.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
-                use_sums ? grad_bias.const_data_ptr<acc_t>() : nullptr,
-                use_sums ? grad_weight.const_data_ptr<acc_t>() : nullptr,
-                need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-                need_r ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr, numel, C, L, static_cast<acc_t>(eps), e);
+        const ElementwiseLaunch launch = elementwise_launch(N, C, L);
+        backward_elementwise_kernel<scalar_t, acc_t><<<launch.grid, launch.block, 0, stream>>>(
+            grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+            weight.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), var.const_data_ptr<acc_t>(),
+            use_sums ? grad_bias.const_data_ptr<acc_t>() : nullptr,
+            use_sums ? grad_weight.const_data_ptr<acc_t>() : nullptr,
+            need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+            need_r ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr, N, C, L, static_cast<acc_t>(eps), e);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });

@@ -183,9 +183,7 @@ setup(
     version=VERSION,
     description="SkeleMixCLR self-supervised skeleton action recognition with fused C++/CUDA/Triton ops",
     python_requires=">=3.9",
-    packages=find_packages(include=["skelemix", "skelemix.*"]) + ["skelemix.kernels"],
-    # Triton kernels live in kernels/ but install inside the package: PyPI already has a `kernels`.
-    package_dir={"skelemix.kernels": "kernels"},
+    packages=find_packages(include=["skelemix", "skelemix.*"]),
     package_data={"skelemix": ["configs/*.yaml", "layouts/*.yaml"]},
     # torch is required but deliberately not listed: see the module docstring.
     install_requires=["numpy", "pyyaml", "tqdm", "matplotlib", "tensorboard"],

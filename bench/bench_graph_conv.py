@@ -91,10 +91,10 @@ TRITON_SETTINGS = [("fixed", 8), ("autotuned", 8), ("fixed", 4), ("fixed", 16)]
 @pytest.mark.parametrize("layer", [len(LAYERS) - 1, 1], ids=lambda i: f"{LAYERS[i][0]}-{LAYERS[i][1]}xT{LAYERS[i][2]}")
 def test_graph_conv_triton_settings(benchmark, monkeypatch, layer, config, per_sm):
     skip_unless_provider("triton", "graph_conv")
-    from skelemix.ops import _triton
+    from skelemix.kernels import graph_conv as kernels
 
-    monkeypatch.setenv(_triton.AUTOTUNE_ENV, "1" if config == "autotuned" else "0")
-    monkeypatch.setattr(_triton._kernels("graph_conv"), "REDUCTION_PROGRAMS_PER_SM", per_sm)
+    monkeypatch.setenv(kernels.AUTOTUNE_ENV, "1" if config == "autotuned" else "0")
+    monkeypatch.setattr(kernels, "REDUCTION_PROGRAMS_PER_SM", per_sm)
     c_in, c_out, T, K, V = LAYERS[layer]
     B = BATCH * M
     inputs = (torch.randn(B, c_in, T, V, device=DEVICE, requires_grad=True),

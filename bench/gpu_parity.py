@@ -76,15 +76,9 @@ def check_dropout_mask(impl: str, device: str = "cuda") -> str:
     computed as the kernels compute it, against the reference bit for bit."""
     seed, start, numel, p = torch.tensor([0x0123456789ABCDEF], device=device), 2**32 - 512, 1024, 0.3
     if impl == "triton":
-        import triton
+        from skelemix.kernels import bn_epilogue as kernels
 
-        from skelemix.ops import _triton
-
-        out = torch.empty(numel, dtype=torch.int8, device=device)
-        _triton._kernels("bn_epilogue").dropout_keep_kernel[(triton.cdiv(numel, 128),)](
-            seed, torch.arange(start, start + numel, device=device), out, numel, reference.dropout_threshold(p),
-            BLOCK=128)
-        got = out.bool()
+        got = kernels.dropout_keep(seed, torch.arange(start, start + numel, device=device), p)
     else:
         got = torch.ops.skelemix._bn_epilogue_dropout_keep(seed, start, numel, p)
     differ = int((got.cpu() != reference.dropout_keep(seed.cpu(), (numel,), p, offset=start)).sum())

@@ -55,6 +55,23 @@ def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return torch.einsum("nkctv,kvw->nctw", h.view(N, K, KC // K, T, V), A)
 
 
+def block_region(joints: torch.Tensor, span: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The SkeleMix region at block (feature) resolution: ``(..., G, blocks, V)`` bool from ``joints (..., G, V)``
+    and ``span (..., G, 2)`` ``[start, end)`` in blocks; block ``b`` of joint ``v`` is in the region when
+    ``joints[..., v]`` and ``start <= b < end``. Every implementation takes its region from here."""
+    b = torch.arange(blocks, device=span.device)
+    in_span = (b >= span[..., :1]) & (b < span[..., 1:])  # (..., G, blocks)
+    return in_span[..., None] & joints[..., None, :]
+
+
+def frame_region(region: torch.Tensor, block: int, frames: int) -> torch.Tensor:
+    """A block-resolution region ``(..., blocks, V)`` at frame resolution ``(..., frames, V)``: frame ``t`` lies in
+    block ``t // block`` (the last block may be partial). ``repeat_interleave`` as a view expansion, so that it
+    never synchronises with the device (CUDA graph capture)."""
+    *lead, blocks, V = region.shape
+    return region.unsqueeze(-2).expand(*lead, blocks, block, V).reshape(*lead, blocks * block, V)[..., :frames, :]
+
+
 def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
                     block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SkeleMix 'swap' mixing of ``R`` batches at once (REFERENCE.md 3 items 4-6).
@@ -73,14 +90,14 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
         ``joints[r, g, v]`` and ``start <= t // block < end`` (all channels, all bodies), else ``x[n, :, t, v]``.
         ``mask``: ``(R, N, ceil(T / block), V)`` bool, the region at block (feature) resolution: True =
         pasted (the "trimmed" view).
+
+    Device-side indexing only: on CUDA it never synchronises with the host (and it reads out of bounds for an
+    invalid ``partner``, which :func:`skelemix.ops.skelemix_gather` checks).
     """
     N, _, T, V, _ = x.shape
-    R, G = joints.shape[:2]
-    blocks = -(-T // block)
-    b = torch.arange(blocks, device=x.device)
-    frames = (b >= span[..., :1]) & (b < span[..., 1:])  # (R, G, Tb)
-    mask = (frames[..., None] & joints[:, :, None, :]).expand(R, N, blocks, V).contiguous()
-    region = mask.repeat_interleave(block, dim=2)[:, :, :T]  # (R, N, T, V) at frame resolution
+    R = partner.shape[0]
+    mask = block_region(joints, span, -(-T // block)).expand(R, N, -1, V).contiguous()
+    region = frame_region(mask, block, T)  # (R, N, T, V)
     mixed = torch.where(region[:, :, None, :, :, None], x[partner], x[None])
     return mixed.reshape(R * N, *x.shape[1:]), mask
 

@@ -238,10 +238,9 @@ def build_id(impl: str, op: str) -> str:
     ``op`` and Triton's version, so that a rebuild or an edit is probed again."""
     if impl in ("cpp", "cuda"):
         return f"_C {_file_hash(importlib.import_module('skelemix._C').__file__)}"
-    if impl == "triton":
-        from .ops import _triton
-
-        sources = (_triton.__file__, _triton._kernels(op).__file__)
+    if impl == "triton":  # the op's registration, its kernels and their shared launcher
+        sources = [importlib.import_module(name).__file__
+                   for name in (f"skelemix.ops.{op}", f"skelemix.kernels.{op}", "skelemix.kernels._launch")]
         return f"triton {_extension._triton()[1]} " + " ".join(_file_hash(p) for p in sources)
     return impl
 

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for Hopper (sm_90) without a GPU: run by tests/test_triton.py in a subprocess
+"""Compile every Triton kernel for Hopper (sm_90) without a GPU: run by tests/test_extension.py in a subprocess
 without TRITON_INTERPRET (under it @triton.jit makes interpreted functions, which cannot be compiled).
 
 Prints one line per kernel and dtype; exits 1 if any failed to compile.
@@ -12,7 +12,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from skelemix.ops import _triton  # noqa: E402
+from skelemix.kernels import bn_epilogue as kb, graph_conv as kc, mask_pool as km, skelemix_gather as kg  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 failed = []
@@ -33,7 +33,6 @@ def ints(names):
     return {n: "i32" for n in names.split()}
 
 
-km, kg, kc, kb = (_triton._kernels(n) for n in ("mask_pool", "skelemix_gather", "graph_conv", "bn_epilogue"))
 for dt in ("fp32", "fp16", "bf16"):
     p = f"*{dt}"
     blocks = dict(BLOCK_C=4, BLOCK_S=1024)

@@ -23,15 +23,29 @@ _DEVICE_OF_IMPL = {"cpp": "cpu", "cuda": "cuda", "triton": "cuda"}
 
 
 def register_no_double_backward(op: str, backward_op: str) -> None:
-    """Make differentiating the C++ ``backward_op`` raise a clear error: ``op`` has no double backward."""
+    """Make differentiating ``backward_op`` (a backward op without a gradient of its own) raise a clear error."""
     def setup_context(ctx, inputs, output):
         pass
 
     def backward(ctx, *grads):
-        raise RuntimeError(f"{op} does not support double backward (its backward op {backward_op} has no "
-                           "gradient); use impl='eager' for higher-order gradients")
+        raise NotImplementedError(f"{op} does not support double backward through {backward_op} (it has no "
+                                  "gradient); use impl='eager' for higher-order gradients")
 
     torch.library.register_autograd(backward_op, backward, setup_context=setup_context)
+
+
+_TRITON_REGISTERED: set[str] = set()
+
+
+def register_triton_once(op: str, register: Callable[[], None]) -> None:
+    """Run ``register`` (the ``triton_op`` registrations of ``op``) the first time a Triton op of ``op`` runs:
+    registering imports triton, which ``import skelemix`` never does. Raises if triton is not importable."""
+    if op not in _TRITON_REGISTERED:
+        importable, _, why = _extension._triton()
+        if not importable:
+            raise RuntimeError(f"skelemix triton ops: {why}")
+        register()
+        _TRITON_REGISTERED.add(op)
 
 
 def check_impl(impl: str) -> str:

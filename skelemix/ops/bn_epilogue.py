@@ -6,21 +6,19 @@ the forward (double backward raises). Dropout draws its mask from Philox4x32-10 
 index as counter (:func:`skelemix.reference.dropout_keep`, the stream of Triton's ``tl.randint``), so the backward
 regenerates the mask instead of storing it, and the seed is a device tensor drawn on the device, which keeps the
 op CUDA-graph capturable.
+
+The Triton ops ``skelemix::bn_epilogue_triton`` and ``skelemix::_bn_epilogue_backward_triton`` (kernels in
+:mod:`skelemix.kernels.bn_epilogue`) have the schemas of the C++ pair and take the same checks and autograd.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Tuple
+from typing import Iterator
 
 import torch
 
 from .. import _extension, reference
-from . import _triton
-from ._impl import register_no_double_backward, select
-
-# (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
-# exception; the fake kernels feed torch._check. Messages match csrc/bn_epilogue.cpp.
-_Check = Tuple[object, type, Callable[[], str]]
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from ._checks import Check, floating, raise_first, same_device, same_dtype, torch_check
+from ._impl import register_no_double_backward, register_triton_once, select
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,39 +26,37 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _channel_checks(t: torch.Tensor, name: str, x: torch.Tensor) -> Iterator[_Check]:
+def _channel_checks(t: torch.Tensor, name: str, x: torch.Tensor) -> Iterator[Check]:
     C, acc = x.shape[1], acc_dtype(x.dtype)
     yield t.dim() == 1 and t.shape[0] == C, ValueError, lambda: (
         f"{name} must have shape ({C},) (the channels of x, shape {list(x.shape)}); got shape {list(t.shape)}")
     yield t.dtype == acc, TypeError, lambda: (
         f"{name} must be {acc} (the accumulation dtype of {x.dtype} x); got {t.dtype}")
-    yield t.device == x.device, ValueError, lambda: (
-        f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
+    yield same_device(t, name, x)
 
 
-def _like_x_checks(t: torch.Tensor, name: str, x: torch.Tensor) -> Iterator[_Check]:
+def _like_x_checks(t: torch.Tensor, name: str, x: torch.Tensor) -> Iterator[Check]:
     yield t.shape == x.shape, ValueError, lambda: (
         f"{name} must have the shape of x {list(x.shape)}; got shape {list(t.shape)}")
-    yield t.dtype == x.dtype, TypeError, lambda: f"{name} must have the dtype of x ({x.dtype}); got {t.dtype}"
-    yield t.device == x.device, ValueError, lambda: (
-        f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
+    yield same_dtype(t, name, x)
+    yield same_device(t, name, x)
 
 
-def _common_checks(x, weight, seed, eps, p) -> Iterator[_Check]:
+def _common_checks(x, weight, seed, eps, p, triton) -> Iterator[Check]:
+    """Messages match csrc/bn_epilogue.cpp; ``triton`` adds the Triton ops' refusal of float64."""
     yield x.dim() >= 2, ValueError, lambda: f"x must be at least 2-D (N, C, *); got shape {list(x.shape)}"
-    yield x.dtype in _FLOATING, TypeError, lambda: (
-        f"x must be floating point (float32, float64, float16 or bfloat16); got {x.dtype}")
+    yield from floating(x, "x", triton)
     yield from _channel_checks(weight, "weight", x)
     yield seed.numel() == 1 and seed.dtype == torch.int64, TypeError, lambda: (
         f"seed must be an int64 tensor of one element; got {seed.dtype} of shape {list(seed.shape)}")
-    yield seed.device == x.device, ValueError, lambda: (
-        f"x and seed must be on the same device; got x on {x.device} and seed on {seed.device}")
+    yield same_device(seed, "seed", x)
     yield eps >= 0, ValueError, lambda: f"eps must be >= 0; got {eps}"
     yield 0 <= p < 1, ValueError, lambda: f"p (dropout probability) must be in [0, 1); got {p}"
 
 
-def _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p) -> Iterator[_Check]:
-    yield from _common_checks(x, weight, seed, eps, p)
+def _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p,
+                    triton: bool = False) -> Iterator[Check]:
+    yield from _common_checks(x, weight, seed, eps, p, triton)
     yield from _channel_checks(bias, "bias", x)
     if residual is not None:
         yield from _like_x_checks(residual, "residual", x)
@@ -71,26 +67,26 @@ def _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps,
         yield from _channel_checks(stats_var, "stats_var", x)
 
 
-def _backward_checks(grad, x, y, weight, mean, var, seed, eps, p) -> Iterator[_Check]:
-    yield from _common_checks(x, weight, seed, eps, p)
+def _backward_checks(grad, x, y, weight, mean, var, seed, eps, p, triton: bool = False) -> Iterator[Check]:
+    yield from _common_checks(x, weight, seed, eps, p, triton)
     yield from _like_x_checks(grad, "grad", x)
     yield from _like_x_checks(y, "y", x)
     yield from _channel_checks(mean, "mean", x)
     yield from _channel_checks(var, "var", x)
 
 
-def _torch_check(op: str, checks: Iterator[_Check]) -> None:
-    for ok, _, message in checks:
-        torch._check(ok, lambda message=message: f"{op}: {message()}")
-
-
 def _cpp(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
     return torch.ops.skelemix.bn_epilogue(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)
 
 
+def _triton(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
+    register_triton_once("bn_epilogue", _register_triton)
+    return torch.ops.skelemix.bn_epilogue_triton(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)
+
+
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
 # missing, raises an error that says how to build it (rather than "no such impl").
-_IMPLEMENTATIONS = {"eager": reference.bn_epilogue, "cpp": _cpp, "cuda": _cpp, "triton": _triton.bn_epilogue}
+_IMPLEMENTATIONS = {"eager": reference.bn_epilogue, "cpp": _cpp, "cuda": _cpp, "triton": _triton}
 
 
 def draw_seed(device) -> torch.Tensor:
@@ -127,29 +123,14 @@ def bn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, resid
         seed = draw_seed(x.device) if p > 0 else torch.zeros(1, dtype=torch.int64, device=x.device)
     if residual is not None and residual.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
         residual = residual.to(x.dtype)
-    checks = _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p)
-    for ok, exc, message in checks:
-        if not ok:
-            raise exc(f"skelemix.ops.bn_epilogue: {message()}")
+    raise_first("bn_epilogue", _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p))
     fn = select("bn_epilogue", impl, x.device, _IMPLEMENTATIONS, x.dtype)
     return fn(x, weight, bias, residual, stats_mean, stats_var, seed, float(eps), float(p), bool(relu))
 
 
-def _register() -> None:
-    @torch.library.register_fake("skelemix::bn_epilogue")
-    def _(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
-        _torch_check("skelemix::bn_epilogue",
-                     _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p))
-        stats = (x.shape[1],) if stats_mean is None else (0,)
-        return x.new_empty(x.shape), weight.new_empty(stats), weight.new_empty(stats)
-
-    @torch.library.register_fake("skelemix::_bn_epilogue_backward")
-    def _(grad, x, y, weight, mean, var, seed, eps, p, relu, batch_stats, output_mask):
-        _torch_check("skelemix::_bn_epilogue_backward", _backward_checks(grad, x, y, weight, mean, var, seed, eps, p))
-        need_x, need_w, need_b, need_r = output_mask
-        return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
-                weight.new_empty(weight.shape if need_b else (0,)), x.new_empty(x.shape if need_r else (0,)))
-
+def _register_autograd(forward: str, backward_op: str) -> None:
+    """Autograd for ``skelemix::<forward>`` through ``skelemix::<backward_op>`` (the C++ pair or the Triton pair);
+    double backward raises."""
     def setup_context(ctx, inputs, output):
         x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu = inputs
         y, mean, var = output
@@ -166,13 +147,65 @@ def _register() -> None:
         need = list(ctx.needs_input_grad[:4])
         if not any(need):
             return (None,) * 10
-        grads = torch.ops.skelemix._bn_epilogue_backward(grad, x, y, weight, mean, var, seed, ctx.eps, ctx.p,
-                                                          ctx.relu, ctx.batch_stats, need)
+        grads = getattr(torch.ops.skelemix, backward_op)(grad, x, y, weight, mean.detach(), var.detach(), seed,
+                                                         ctx.eps, ctx.p, ctx.relu, ctx.batch_stats, need)
         return (*(g if wanted else None for g, wanted in zip(grads, need)),) + (None,) * 6
 
-    torch.library.register_autograd("skelemix::bn_epilogue", backward, setup_context=setup_context)
-    register_no_double_backward("skelemix::bn_epilogue", "skelemix::_bn_epilogue_backward")
+    torch.library.register_autograd(f"skelemix::{forward}", backward, setup_context=setup_context)
+    register_no_double_backward(f"skelemix::{forward}", f"skelemix::{backward_op}")
+
+
+def _register_cpp() -> None:
+    @torch.library.register_fake("skelemix::bn_epilogue")
+    def _(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu):
+        torch_check("skelemix::bn_epilogue",
+                    _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p))
+        stats = (x.shape[1],) if stats_mean is None else (0,)
+        return x.new_empty(x.shape), weight.new_empty(stats), weight.new_empty(stats)
+
+    @torch.library.register_fake("skelemix::_bn_epilogue_backward")
+    def _(grad, x, y, weight, mean, var, seed, eps, p, relu, batch_stats, output_mask):
+        torch_check("skelemix::_bn_epilogue_backward", _backward_checks(grad, x, y, weight, mean, var, seed, eps, p))
+        need_x, need_w, need_b, need_r = output_mask
+        return (x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
+                weight.new_empty(weight.shape if need_b else (0,)), x.new_empty(x.shape if need_r else (0,)))
+
+    _register_autograd("bn_epilogue", "_bn_epilogue_backward")
+
+
+def _bn_epilogue_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+                        stats_mean: torch.Tensor | None, stats_var: torch.Tensor | None, seed: torch.Tensor,
+                        eps: float, p: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import bn_epilogue as kernels
+
+    torch_check("skelemix::bn_epilogue_triton",
+                _forward_checks(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, triton=True))
+    return kernels.forward(x, weight, bias, residual, stats_mean, stats_var, seed, eps, p, relu)
+
+
+def _backward_triton(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                     var: torch.Tensor, seed: torch.Tensor, eps: float, p: float, relu: bool, batch_stats: bool,
+                     output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from ..kernels import bn_epilogue as kernels
+
+    op = "skelemix::_bn_epilogue_backward_triton"
+    torch_check(op, _backward_checks(grad, x, y, weight, mean, var, seed, eps, p, triton=True))
+    torch._check(len(output_mask) == 4, lambda: f"{op}: output_mask must have 4 entries; got {len(output_mask)}")
+    return kernels.backward(grad, x, y, weight, mean, var, seed, eps, p, relu, batch_stats, output_mask)
+
+
+def _register_triton() -> None:
+    from torch.library import triton_op
+
+    triton_op("skelemix::bn_epilogue_triton", mutates_args=(), schema=(
+        "(Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor? stats_mean, Tensor? stats_var, "
+        "Tensor seed, float eps, float p, bool relu) -> (Tensor, Tensor, Tensor)"))(_bn_epilogue_triton)
+    triton_op("skelemix::_bn_epilogue_backward_triton", mutates_args=(), schema=(
+        "(Tensor grad, Tensor x, Tensor y, Tensor weight, Tensor mean, Tensor var, Tensor seed, float eps, "
+        "float p, bool relu, bool batch_stats, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"))(
+        _backward_triton)
+    _register_autograd("bn_epilogue_triton", "_bn_epilogue_backward_triton")
 
 
 if _extension.HAS_CPP:
-    _register()
+    _register_cpp()

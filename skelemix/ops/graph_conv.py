@@ -4,44 +4,35 @@ The C++ op ``torch.ops.skelemix.graph_conv`` (schema in csrc/graph_conv.cpp, ker
 gets its PT2 surface here: fake kernels for it and for ``_graph_conv_backward``, and autograd for the forward.
 The backward op returns all four gradients at once (each computed only when asked for); double backward is
 not supported and raises.
+
+The Triton op ``skelemix::graph_conv_triton`` (kernels in :mod:`skelemix.kernels.graph_conv`) takes the same checks.
+Its input gradient is ``graph_conv_triton`` itself with transposed weight blocks and adjacency (so double
+backward w.r.t. x works); ``_graph_conv_backward_weight_triton`` (weight and bias) and
+``_graph_conv_backward_adjacency_triton`` have no gradient of their own.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Iterator, Optional
 
 import torch
 
 from .. import _extension, reference
-from . import _triton
-from ._impl import register_no_double_backward, select
-
-# (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
-# exception; the fake kernels feed torch._check. Messages match csrc/graph_conv.cpp.
-_Check = Tuple[object, type, Callable[[], str]]
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from ._checks import Check, floating, raise_first, same_device, same_dtype, torch_check
+from ._impl import register_no_double_backward, register_triton_once, select
 
 
-def _dtype_check(t: torch.Tensor, name: str, x: torch.Tensor) -> _Check:
-    return t.dtype == x.dtype, TypeError, lambda: f"{name} must have the dtype of x ({x.dtype}); got {t.dtype}"
-
-
-def _device_check(t: torch.Tensor, name: str, x: torch.Tensor) -> _Check:
-    return t.device == x.device, ValueError, lambda: (
-        f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
-
-
-def _forward_checks(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    A: torch.Tensor) -> Iterator[_Check]:
+def _forward_checks(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], A: torch.Tensor,
+                    triton: bool = False) -> Iterator[Check]:
+    """Messages match csrc/graph_conv.cpp; ``triton`` adds the Triton ops' refusal of float64."""
     yield x.dim() == 4, ValueError, lambda: f"x must be 4-D (N, C_in, T, V); got shape {list(x.shape)}"
-    yield x.dtype in _FLOATING, TypeError, lambda: (
-        f"x must be floating point (float32, float64, float16 or bfloat16); got {x.dtype}")
+    yield from floating(x, "x", triton)
     yield weight.dim() == 2, ValueError, lambda: (
         f"weight must be 2-D (K * C_out, C_in); got shape {list(weight.shape)}")
     yield A.dim() == 3, ValueError, lambda: f"A must be 3-D (K, V, V); got shape {list(A.shape)}"
-    yield _dtype_check(weight, "weight", x)
-    yield _dtype_check(A, "A", x)
-    yield _device_check(weight, "weight", x)
-    yield _device_check(A, "A", x)
+    yield same_dtype(weight, "weight", x)
+    yield same_dtype(A, "A", x)
+    yield same_device(weight, "weight", x)
+    yield same_device(A, "A", x)
     V, K = x.shape[3], A.shape[0]
     yield A.shape[1] == V and A.shape[2] == V, ValueError, lambda: (
         f"A must have shape (K, {V}, {V}) to match x of shape {list(x.shape)}; got shape {list(A.shape)}")
@@ -55,14 +46,14 @@ def _forward_checks(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         yield bias.dim() == 1 and bias.shape[0] == weight.shape[0], ValueError, lambda: (
             f"bias must have shape ({weight.shape[0]},) (K * C_out) to match weight of shape "
             f"{list(weight.shape)}; got shape {list(bias.shape)}")
-        yield _dtype_check(bias, "bias", x)
-        yield _device_check(bias, "bias", x)
+        yield same_dtype(bias, "bias", x)
+        yield same_device(bias, "bias", x)
 
 
-def _backward_checks(grad, x, weight, bias, A) -> Iterator[_Check]:
-    yield from _forward_checks(x, weight, bias, A)
-    yield _dtype_check(grad, "grad", x)
-    yield _device_check(grad, "grad", x)
+def _backward_checks(grad, x, weight, bias, A, triton: bool = False) -> Iterator[Check]:
+    yield from _forward_checks(x, weight, bias, A, triton)
+    yield same_dtype(grad, "grad", x)
+    yield same_device(grad, "grad", x)
     N, _, T, V = x.shape
     c_out = weight.shape[0] // A.shape[0]
     expected = [N, c_out, T, V]
@@ -70,18 +61,18 @@ def _backward_checks(grad, x, weight, bias, A) -> Iterator[_Check]:
         f"grad must have shape (N, C_out, T, V) = {expected}; got shape {list(grad.shape)}")
 
 
-def _torch_check(op: str, checks: Iterator[_Check]) -> None:
-    for ok, _, message in checks:
-        torch._check(ok, lambda message=message: f"{op}: {message()}")
-
-
 def _cpp(x, weight, bias, A):
     return torch.ops.skelemix.graph_conv(x, weight, bias, A)
 
 
+def _triton(x, weight, bias, A):
+    register_triton_once("graph_conv", _register_triton)
+    return torch.ops.skelemix.graph_conv_triton(x, weight, bias, A)
+
+
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
 # missing, raises an error that says how to build it (rather than "no such impl").
-_IMPLEMENTATIONS = {"eager": reference.graph_conv, "cpp": _cpp, "cuda": _cpp, "triton": _triton.graph_conv}
+_IMPLEMENTATIONS = {"eager": reference.graph_conv, "cpp": _cpp, "cuda": _cpp, "triton": _triton}
 
 
 def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
@@ -109,22 +100,20 @@ def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, A = x.to(dtype), weight.to(dtype), A.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-    for ok, exc, message in _forward_checks(x, weight, bias, A):
-        if not ok:
-            raise exc(f"skelemix.ops.graph_conv: {message()}")
+    raise_first("graph_conv", _forward_checks(x, weight, bias, A))
     return select("graph_conv", impl, x.device, _IMPLEMENTATIONS, x.dtype)(x, weight, bias, A)
 
 
-def _register() -> None:
+def _register_cpp() -> None:
     @torch.library.register_fake("skelemix::graph_conv")
     def _(x, weight, bias, A):
-        _torch_check("skelemix::graph_conv", _forward_checks(x, weight, bias, A))
+        torch_check("skelemix::graph_conv", _forward_checks(x, weight, bias, A))
         N, _, T, V = x.shape
         return x.new_empty((N, weight.shape[0] // A.shape[0], T, V))
 
     @torch.library.register_fake("skelemix::_graph_conv_backward")
     def _(grad, x, weight, bias, A, output_mask):
-        _torch_check("skelemix::_graph_conv_backward", _backward_checks(grad, x, weight, bias, A))
+        torch_check("skelemix::_graph_conv_backward", _backward_checks(grad, x, weight, bias, A))
         # Gradients not asked for come back as empty (0,) tensors.
         shapes = (x.shape, weight.shape, bias.shape if bias is not None else None, A.shape)
         return tuple(x.new_empty(shape if wanted and shape is not None else (0,))
@@ -162,5 +151,63 @@ def _register() -> None:
     register_no_double_backward("skelemix::graph_conv", "skelemix::_graph_conv_backward")
 
 
+def _graph_conv_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       A: torch.Tensor) -> torch.Tensor:
+    from ..kernels import graph_conv as kernels
+
+    torch_check("skelemix::graph_conv_triton", _forward_checks(x, weight, bias, A, triton=True))
+    return kernels.forward(x, weight, bias, A)
+
+
+def _backward_weight_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                            A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import graph_conv as kernels
+
+    torch_check("skelemix::_graph_conv_backward_weight_triton", _backward_checks(grad, x, weight, bias, A, True))
+    return kernels.backward_weight(grad, x, A)
+
+
+def _backward_adjacency_triton(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                               A: torch.Tensor) -> torch.Tensor:
+    from ..kernels import graph_conv as kernels
+
+    torch_check("skelemix::_graph_conv_backward_adjacency_triton", _backward_checks(grad, x, weight, bias, A, True))
+    return kernels.backward_adjacency(grad, x, weight, bias, A)
+
+
+def _register_triton() -> None:
+    from torch.library import triton_op
+
+    triton_op("skelemix::graph_conv_triton", mutates_args=())(_graph_conv_triton)
+    triton_op("skelemix::_graph_conv_backward_weight_triton", mutates_args=(), schema=(
+        "(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor A) -> (Tensor, Tensor)"))(_backward_weight_triton)
+    triton_op("skelemix::_graph_conv_backward_adjacency_triton", mutates_args=())(_backward_adjacency_triton)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        x, weight, bias, A = ctx.saved_tensors
+        need_x, need_w, need_b, need_a = ctx.needs_input_grad
+        gx = gw = gb = ga = None
+        if need_x:
+            # dL/dx = sum_k W_k^T (g A_k^T): the forward op with transposed weight blocks and adjacency, so
+            # double backward through it is the forward's own autograd.
+            K = A.shape[0]
+            Cout, Cin = weight.shape[0] // K, weight.shape[1]
+            wt = weight.reshape(K, Cout, Cin).transpose(1, 2).reshape(K * Cin, Cout)
+            gx = torch.ops.skelemix.graph_conv_triton(grad, wt, None, A.transpose(1, 2))
+        if need_w or need_b:
+            gw, gb = torch.ops.skelemix._graph_conv_backward_weight_triton(grad, x, weight, bias, A)
+            gw, gb = (gw if need_w else None), (gb if need_b else None)
+        if need_a:
+            ga = torch.ops.skelemix._graph_conv_backward_adjacency_triton(grad, x, weight, bias, A)
+        return gx, gw, gb, ga
+
+    torch.library.register_autograd("skelemix::graph_conv_triton", backward, setup_context=setup_context)
+    for backward_op in ("_graph_conv_backward_weight_triton", "_graph_conv_backward_adjacency_triton"):
+        register_no_double_backward("skelemix::graph_conv_triton", f"skelemix::{backward_op}")
+
+
 if _extension.HAS_CPP:
-    _register()
+    _register_cpp()

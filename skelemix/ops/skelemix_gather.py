@@ -12,28 +12,26 @@ same way, except while being traced by ``torch.compile``. ``check_values=False``
 would synchronise (every CUDA implementation), for callers whose values are valid by construction (SkeleMix's
 own draws): the CUDA and Triton kernels then still never read out of bounds (a bad partner copies the sample
 itself), but an invalid value gives an unspecified mix.
+
+The Triton op ``skelemix::skelemix_gather_triton`` (kernel in :mod:`skelemix.kernels.skelemix_gather`) takes the
+same shape checks and the region of :func:`skelemix.reference.block_region`.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Tuple
+from typing import Iterator
 
 import torch
 
 from .. import _extension, reference
-from . import _triton
-from ._impl import select
-
-# (condition, exception type, message) triples, evaluated lazily and in order. The wrapper raises the
-# exception; the fake kernel feeds torch._check. Messages match csrc/skelemix_gather.cpp.
-_Check = Tuple[object, type, Callable[[], str]]
-_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from ._checks import Check, floating, raise_first, same_device, torch_check
+from ._impl import register_triton_once, select
 
 
 def _checks(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
-            block: int) -> Iterator[_Check]:
+            block: int) -> Iterator[Check]:
+    """Messages match csrc/skelemix_gather.cpp. A copy: the Triton op takes float64 too."""
     yield x.dim() == 5, ValueError, lambda: f"x must be 5-D (N, C, T, V, M); got shape {list(x.shape)}"
-    yield x.dtype in _FLOATING, TypeError, lambda: (
-        f"x must be floating point (float32, float64, float16 or bfloat16); got {x.dtype}")
+    yield from floating(x, "x")
     yield partner.dim() == 2, ValueError, lambda: f"partner must be 2-D (R, N); got shape {list(partner.shape)}"
     yield partner.dtype == torch.int64, TypeError, lambda: f"partner must be an int64 tensor; got {partner.dtype}"
     yield joints.dim() == 3, ValueError, lambda: f"joints must be 3-D (R, G, V); got shape {list(joints.shape)}"
@@ -41,8 +39,7 @@ def _checks(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: 
     yield span.dim() == 3, ValueError, lambda: f"span must be 3-D (R, G, 2); got shape {list(span.shape)}"
     yield span.dtype == torch.int64, TypeError, lambda: f"span must be an int64 tensor; got {span.dtype}"
     for name, t in (("partner", partner), ("joints", joints), ("span", span)):
-        yield x.device == t.device, ValueError, lambda name=name, t=t: (
-            f"x and {name} must be on the same device; got x on {x.device} and {name} on {t.device}")
+        yield same_device(t, name, x)
     N, V, R, G = x.shape[0], x.shape[3], partner.shape[0], joints.shape[1]
     yield partner.shape[1] == N, ValueError, lambda: (
         f"partner must have shape (R, N) with N={N} (the batch size of x); got shape {list(partner.shape)}")
@@ -85,10 +82,11 @@ def _eager(x, partner, joints, span, block, check_values=True):
     return reference.skelemix_gather(x, partner, joints, span, block)
 
 
-def _triton_gather(x, partner, joints, span, block, check_values=True):
+def _triton(x, partner, joints, span, block, check_values=True):
     if check_values:
         _check_values(x, partner, span, block)
-    return _triton.skelemix_gather(x, partner, joints, span, block)
+    register_triton_once("skelemix_gather", _register_triton)
+    return torch.ops.skelemix.skelemix_gather_triton(x, partner, joints, span, block)
 
 
 def _cpp(x, partner, joints, span, block, check_values=True):
@@ -97,7 +95,7 @@ def _cpp(x, partner, joints, span, block, check_values=True):
 
 # "cpp" and "cuda" are always listed: select() then checks _extension.available() and, when the extension is
 # missing, raises an error that says how to build it (rather than "no such impl").
-_IMPLEMENTATIONS = {"eager": _eager, "cpp": _cpp, "cuda": _cpp, "triton": _triton_gather}
+_IMPLEMENTATIONS = {"eager": _eager, "cpp": _cpp, "cuda": _cpp, "triton": _triton}
 
 
 def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor, block: int,
@@ -127,18 +125,15 @@ def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor
         joints = joints[:, None]
     if span.dim() == 2:
         span = span[:, None]
-    for ok, exc, message in _checks(x, partner, joints, span, block):
-        if not ok:
-            raise exc(f"skelemix.ops.skelemix_gather: {message()}")
+    raise_first("skelemix_gather", _checks(x, partner, joints, span, block))
     fn = select("skelemix_gather", impl, x.device, _IMPLEMENTATIONS, x.dtype)
     return fn(x, partner, joints, span, block, bool(check_values))
 
 
-def _register() -> None:
+def _register_cpp() -> None:
     @torch.library.register_fake("skelemix::skelemix_gather")
     def _(x, partner, joints, span, block, check_values=True):
-        for ok, _, message in _checks(x, partner, joints, span, block):
-            torch._check(ok, lambda message=message: f"skelemix::skelemix_gather: {message()}")
+        torch_check("skelemix::skelemix_gather", _checks(x, partner, joints, span, block))
         N, C, T, V, M = x.shape
         R = partner.shape[0]
         mixed = x.new_empty((R * N, C, T, V, M))
@@ -156,5 +151,23 @@ def _register() -> None:
     torch.library.register_autograd("skelemix::skelemix_gather", backward, setup_context=setup_context)
 
 
+def _gather_triton(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
+                   block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shape, dtype and device checks only: the wrapper checks the values (a host synchronisation)."""
+    from ..kernels import skelemix_gather as kernels
+
+    torch_check("skelemix::skelemix_gather_triton", _checks(x, partner, joints, span, block))
+    N, _, T, V, _ = x.shape
+    mask = reference.block_region(joints, span, -(-T // block)).expand(partner.shape[0], N, -1, V).contiguous()
+    return kernels.gather(x, partner, joints, span, block), mask
+
+
+def _register_triton() -> None:
+    from torch.library import triton_op
+
+    triton_op("skelemix::skelemix_gather_triton", mutates_args=(), schema=(
+        "(Tensor x, Tensor partner, Tensor joints, Tensor span, int block) -> (Tensor, Tensor)"))(_gather_triton)
+
+
 if _extension.HAS_CPP:
-    _register()
+    _register_cpp()

@@ -1,4 +1,5 @@
-"""Triton kernels of ``skelemix::graph_conv`` (registered in :mod:`skelemix.ops._triton`).
+"""Triton kernels of ``skelemix::graph_conv`` and their launchers (the ops are registered in
+:mod:`skelemix.ops.graph_conv`).
 
 ``y[n, c, t, w] = sum_k sum_v (sum_i W[k*Cout + c, i] x[n, i, t, v] + b[k*Cout + c]) A[k, v, w]``.
 
@@ -15,11 +16,17 @@ axis into fp32 partial sums that the launcher adds (deterministic, no atomics).
 """
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
+from .. import _extension
+from ._launch import MAX_GRID_YZ, launch, result_dtype
+
 MAX_V = 128  # the (VP, VP) adjacency tile and the fp32 accumulators must fit in registers
-MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions
+AUTOTUNE_ENV = "SKELEMIX_TRITON_AUTOTUNE"
 
 
 def padded_joints(V: int) -> int:
@@ -59,9 +66,8 @@ def prune_fwd_configs(configs, named_args, **kwargs):
 
 
 def fwd_config(VP: int, cin: int, cout: int, interpret: bool) -> dict:
-    """The forward's launch settings without autotuning (tests, parity checks, self-check probes, training):
-    a tile fitted to the channels, as many frames as the register budget allows (at most 4, as the autotune
-    configs). Under the interpreter, wider frame tiles: there programs run one after another."""
+    """The forward's launch settings without autotuning: a tile fitted to the channels, as many frames as the
+    register budget allows (at most 4); wider under the interpreter, where programs run one after another."""
     block_c, block_i = channel_block(cout, 64), channel_block(cin, 32)
     if interpret:
         return dict(BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_T=frames_per_tile(VP, 128))
@@ -113,6 +119,24 @@ def _narrow(h, dtype: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def _h_tile(x_tile, w_k, b_k, c, c_ok, col_ok, CIN, s_xi, s_wc, s_wi, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+            ALLOW_TF32: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr,
+            VP: tl.constexpr):
+    """h_k = W_k x (+ b_k) for one tile as (BLOCK_C, BLOCK_T * VP) fp32: x_tile points at the tile's (t, v) columns
+    of input channel 0, w_k at W_k (output channel c, input channel i at c * s_wc + i * s_wi), b_k at b_k."""
+    h = tl.zeros((BLOCK_C, BLOCK_T * VP), dtype=tl.float32)
+    for i0 in range(0, CIN, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = i < CIN
+        w = tl.load(w_k + c[:, None] * s_wc + i[None, :] * s_wi, mask=c_ok[:, None] & i_ok[None, :], other=0.0)
+        xt = tl.load(x_tile + i[:, None] * s_xi, mask=i_ok[:, None] & col_ok[None, :], other=0.0)
+        h = _mma(w, xt, h, DOT_FP32, ALLOW_TF32)
+    if HAS_BIAS:
+        h += tl.load(b_k + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+    return h
+
+
+@triton.jit
 def graph_conv_fwd_kernel(
     x_ptr,  # (N, CIN, T, V) input, any strides
     w_ptr,  # weight: element (k, out c, in i) at k*s_wk + c*s_wc + i*s_wi
@@ -147,16 +171,8 @@ def graph_conv_fwd_kernel(
     a_ok = (vp[:, None] < V) & (vp[None, :] < V)
     acc = tl.zeros((BLOCK_C * BLOCK_T, VP), dtype=tl.float32)
     for k in range(K):
-        h = tl.zeros((BLOCK_C, BLOCK_T * VP), dtype=tl.float32)
-        for i0 in range(0, CIN, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            i_ok = i < CIN
-            w = tl.load(w_ptr + k * s_wk + c[:, None] * s_wc + i[None, :] * s_wi,
-                        mask=c_ok[:, None] & i_ok[None, :], other=0.0)
-            xt = tl.load(x_base + i[:, None] * s_xi, mask=i_ok[:, None] & col_ok[None, :], other=0.0)
-            h = _mma(w, xt, h, DOT_FP32, ALLOW_TF32)
-        if HAS_BIAS:
-            h += tl.load(b_ptr + k * COUT + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+        h = _h_tile(x_base, w_ptr + k * s_wk, b_ptr + k * COUT, c, c_ok, col_ok, CIN, s_xi, s_wc, s_wi, HAS_BIAS,
+                    DOT_FP32, ALLOW_TF32, BLOCK_C, BLOCK_I, BLOCK_T, VP)
         a = tl.load(a_ptr + k * s_ak + vp[:, None] * s_av + vp[None, :] * s_aw, mask=a_ok, other=0.0)
         h2 = tl.reshape(h, (BLOCK_C * BLOCK_T, VP))
         acc = _mma(_narrow(h2, a.dtype, DOT_FP32), a, acc, DOT_FP32, ALLOW_TF32)
@@ -169,10 +185,17 @@ def graph_conv_fwd_kernel(
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
-# The same kernel autotuned over _fwd_configs() (opt-in: skelemix.ops._triton decides when).
+# The same kernel autotuned over _fwd_configs() (opt-in: see _autotune).
 graph_conv_fwd_autotuned = triton.autotune(configs=_fwd_configs(), key=["CIN", "COUT", "V"],
                                            prune_configs_by={"early_config_prune": prune_fwd_configs})(
     graph_conv_fwd_kernel)
+
+
+@triton.jit
+def _g_tile(g_ptr, n, rc, rt, vp, COUT, T, V, s_gn, s_gc, s_gt, s_gv):
+    """The (BLOCK_C * BLOCK_T, VP) tile of g[n] at rows (rc, rt) and joints vp, zero outside."""
+    ok = ((rc < COUT) & (rt < T))[:, None] & (vp[None, :] < V)
+    return tl.load(g_ptr + n * s_gn + rc[:, None] * s_gc + rt[:, None] * s_gt + vp[None, :] * s_gv, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -180,11 +203,8 @@ def _grad_h(g_ptr, a_ptr, n, k, rc, rt, vp, COUT, T, V, s_gn, s_gc, s_gt, s_gv, 
             DOT_FP32: tl.constexpr, ALLOW_TF32: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
             VP: tl.constexpr):
     """dL/dh_k for one tile as (BLOCK_C, BLOCK_T * VP) fp32: g[n, c, t, :] @ A_k^T, rows (c, t) -> columns (t, v)."""
-    g_ok = ((rc < COUT) & (rt < T))[:, None] & (vp[None, :] < V)
-    g = tl.load(g_ptr + n * s_gn + rc[:, None] * s_gc + rt[:, None] * s_gt + vp[None, :] * s_gv, mask=g_ok,
-                other=0.0)
-    # (w, v) tile of A_k^T.
-    at = tl.load(a_ptr + k * s_ak + vp[None, :] * s_av + vp[:, None] * s_aw,
+    g = _g_tile(g_ptr, n, rc, rt, vp, COUT, T, V, s_gn, s_gc, s_gt, s_gv)
+    at = tl.load(a_ptr + k * s_ak + vp[None, :] * s_av + vp[:, None] * s_aw,  # (w, v) tile of A_k^T
                  mask=(vp[:, None] < V) & (vp[None, :] < V), other=0.0)
     gh = _mma(g, at, tl.zeros((BLOCK_C * BLOCK_T, VP), dtype=tl.float32), DOT_FP32, ALLOW_TF32)
     return tl.reshape(gh, (BLOCK_C, BLOCK_T * VP))
@@ -281,25 +301,100 @@ def graph_conv_bwd_adjacency_kernel(
         jt = t0 + j // VP
         jv = j % VP
         col_ok = (jt < T) & (jv < V)
-        # h_k = W_k x (+ b_k) for the tile, as in the forward kernel.
-        h = tl.zeros((BLOCK_C, BLOCK_T * VP), dtype=tl.float32)
-        for i0 in range(0, CIN, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
-            i_ok = i < CIN
-            w = tl.load(w_ptr + (k * COUT + c[:, None]) * s_wo + i[None, :] * s_wi,
-                        mask=c_ok[:, None] & i_ok[None, :], other=0.0)
-            xt = tl.load(x_ptr + n * s_xn + i[:, None] * s_xi + jt[None, :] * s_xt + jv[None, :] * s_xv,
-                         mask=i_ok[:, None] & col_ok[None, :], other=0.0)
-            h = _mma(w, xt, h, DOT_FP32, ALLOW_TF32)
-        if HAS_BIAS:
-            h += tl.load(b_ptr + k * COUT + c, mask=c_ok, other=0.0).to(tl.float32)[:, None]
+        h = _h_tile(x_ptr + n * s_xn + jt[None, :] * s_xt + jv[None, :] * s_xv, w_ptr + k * COUT * s_wo,
+                    b_ptr + k * COUT, c, c_ok, col_ok, CIN, s_xi, s_wo, s_wi, HAS_BIAS, DOT_FP32, ALLOW_TF32, BLOCK_C,
+                    BLOCK_I, BLOCK_T, VP)
         h2 = tl.reshape(h, (BLOCK_C * BLOCK_T, VP))  # rows (c, t); padded rows meet zero rows of g
         rc = pc * BLOCK_C + r // BLOCK_T
         rt = t0 + r % BLOCK_T
-        g_ok = ((rc < COUT) & (rt < T))[:, None] & (vp[None, :] < V)
-        g = tl.load(g_ptr + n * s_gn + rc[:, None] * s_gc + rt[:, None] * s_gt + vp[None, :] * s_gv, mask=g_ok,
-                    other=0.0)
+        g = _g_tile(g_ptr, n, rc, rt, vp, COUT, T, V, s_gn, s_gc, s_gt, s_gv)
         acc = _mma(tl.trans(_narrow(h2, g.dtype, DOT_FP32)), g, acc, DOT_FP32, ALLOW_TF32)
     ok = (vp[:, None] < V) & (vp[None, :] < V)
     dst = da_ptr + ((split.to(tl.int64) * tl.num_programs(0) + k) * V + vp[:, None]) * V + vp[None, :]
     tl.store(dst, acc, mask=ok)
+
+
+def _dot_flags(dtype: torch.dtype) -> dict:
+    return {
+        # Triton's interpreter multiplies raw bf16 bit patterns in tl.dot: there bf16 tiles go to fp32 first.
+        "DOT_FP32": _extension.triton_interpret() and dtype == torch.bfloat16,
+        # TF32 for fp32 only when torch.set_float32_matmul_precision allows it, as torch's own matmuls.
+        "ALLOW_TF32": dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest",
+    }
+
+
+def _autotune(*tensors: torch.Tensor) -> bool:
+    """Whether the forward autotunes: only when asked (``SKELEMIX_TRITON_AUTOTUNE=1``, as the op benchmarks do), never
+    under the interpreter, in a trace or in a CUDA graph capture (autotuning runs and times every config)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return (os.environ.get(AUTOTUNE_ENV) == "1" and not _extension.triton_interpret()
+            and not torch.compiler.is_compiling()
+            and not any(isinstance(t, (FakeTensor, FunctionalTensor)) for t in tensors)
+            and not (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
+def _reduction_target(x: torch.Tensor) -> int:
+    """Programs the gradient reductions aim at: ``REDUCTION_PROGRAMS_PER_SM`` per SM of x's GPU."""
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 132
+    return REDUCTION_PROGRAMS_PER_SM * sms
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
+    """``(N, C_out, T, V)``, any strides; with the weight blocks and ``A`` transposed, the input gradient."""
+    N, Cin, T, V = x.shape
+    K = A.shape[0]
+    Cout = weight.shape[0] // K
+    y = torch.empty((N, Cout, T, V), dtype=result_dtype(x.dtype), device=x.device)
+    if y.numel() == 0:
+        return y.to(x.dtype)
+    VP = padded_joints(V)
+    b = bias.contiguous() if bias is not None else y  # y: a dummy pointer, never read without a bias
+    if _autotune(x, weight, b, A, y):
+        kernel, config = graph_conv_fwd_autotuned, {}
+    else:
+        kernel, config = graph_conv_fwd_kernel, fwd_config(VP, Cin, Cout, _extension.triton_interpret())
+
+    def grid(meta):
+        return N * triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(Cout, meta["BLOCK_C"])
+
+    launch(kernel, grid, x, weight, b, A, y, N, Cin, Cout, T, V, K, *x.stride(), Cout * weight.stride(0),
+           weight.stride(0), weight.stride(1), *A.stride(), HAS_BIAS=bias is not None, VP=VP, **_dot_flags(x.dtype),
+           **config)
+    return y.to(x.dtype)
+
+
+def backward_weight(grad: torch.Tensor, x: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias gradients, from fp32 partial sums over the split ``(n, t)`` reduction."""
+    (N, Cout, T, V), Cin, K = grad.shape, x.shape[1], A.shape[0]
+    VP = padded_joints(V)
+    block_c, block_i, block_t, split, num_warps = reduction_settings(
+        VP, Cin, Cout, lambda bt, bc: N * triton.cdiv(T, bt),
+        lambda bc, bi: K * triton.cdiv(Cout, bc) * triton.cdiv(Cin, bi), _extension.triton_interpret(),
+        _reduction_target(x))
+    programs = K * triton.cdiv(Cout, block_c) * triton.cdiv(Cin, block_i)
+    dw = torch.zeros((split, K * Cout, Cin), dtype=torch.float32, device=x.device)
+    db = torch.zeros((split, K * Cout), dtype=torch.float32, device=x.device)
+    if programs:
+        launch(graph_conv_bwd_weight_kernel, (programs, split), grad, x, A, dw, db, N, Cin, Cout, T, V, K,
+               *grad.stride(), *x.stride(), *A.stride(), split, VP=VP, BLOCK_C=block_c, BLOCK_I=block_i,
+               BLOCK_T=block_t, num_warps=num_warps, **_dot_flags(x.dtype))
+    return dw.sum(0).to(x.dtype), db.sum(0).to(x.dtype)
+
+
+def backward_adjacency(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       A: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``A``, from fp32 partial sums over the split ``(n, t, c)`` reduction."""
+    (N, Cout, T, V), Cin, K = grad.shape, x.shape[1], A.shape[0]
+    VP = padded_joints(V)
+    block_c, block_i, block_t, split, num_warps = reduction_settings(
+        VP, Cin, Cout, lambda bt, bc: N * triton.cdiv(T, bt) * triton.cdiv(Cout, bc), lambda bc, bi: K,
+        _extension.triton_interpret(), _reduction_target(x))
+    da = torch.zeros((split, K, V, V), dtype=torch.float32, device=x.device)
+    b = bias.contiguous() if bias is not None else da  # da: a dummy pointer, never read without a bias
+    if Cout:
+        launch(graph_conv_bwd_adjacency_kernel, (K, split), grad, x, weight, b, da, N, Cin, Cout, T, V,
+               *grad.stride(), *x.stride(), *weight.stride(), split, HAS_BIAS=bias is not None, VP=VP,
+               BLOCK_C=block_c, BLOCK_I=block_i, BLOCK_T=block_t, num_warps=num_warps, **_dot_flags(x.dtype))
+    return da.sum(0).to(x.dtype)

@@ -1,4 +1,5 @@
-"""Triton kernel of ``skelemix::skelemix_gather`` (registered in :mod:`skelemix.ops._triton`).
+"""Triton kernel of ``skelemix::skelemix_gather`` and its launcher (the op is registered in
+:mod:`skelemix.ops.skelemix_gather`).
 
 One program per (output sample ``r*N + n``, block of ``(c, t)`` rows, block of ``(v, m)`` columns) copies each
 element from the partner or from the sample itself; the region (joints x block span) is evaluated per element
@@ -6,22 +7,16 @@ from the tiny ``joints``/``span`` tables, so no frame-resolution mask is ever ma
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions
+from ._launch import launch, tile
 
 
 def settings(rows: int, cols: int) -> tuple[int, int, int]:
-    """``(BLOCK_ROW, BLOCK_COL, num_warps)`` for a ``(rows = C*T, cols = V*M)`` sample: tiles of at most 4096
-    elements, full width along the contiguous columns up to 256."""
-    block_col = min(max(triton.next_power_of_2(cols), 16), 256)
-    block_row = min(max(triton.next_power_of_2(rows), 1), max(4096 // block_col, 1))
-    if triton.cdiv(rows, block_row) > MAX_GRID_YZ or triton.cdiv(cols, block_col) > MAX_GRID_YZ:
-        raise ValueError(f"skelemix_gather (triton): C*T={rows} and V*M={cols} need more than {MAX_GRID_YZ} "
-                         "programs along one grid dimension; use impl='eager' or 'cuda'")
-    num_warps = 8 if block_row * block_col >= 4096 else 4
-    return block_row, block_col, num_warps
+    """``(BLOCK_ROW, BLOCK_COL, num_warps)`` for a ``(rows = C*T, cols = V*M)`` sample (columns up to 256)."""
+    return tile("skelemix_gather", f"C*T={rows} and V*M={cols}", rows, cols, 256)
 
 
 @triton.jit
@@ -59,3 +54,19 @@ def skelemix_gather_kernel(
     ok = row_ok[:, None] & col_ok[None, :]
     val = tl.load(x_ptr + src * ROWS * COLS + offs, mask=ok)
     tl.store(out_ptr + rn * ROWS * COLS + offs, val, mask=ok)
+
+
+def gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
+           block: int) -> torch.Tensor:
+    """The ``(R*N, C, T, V, M)`` mixed batches of ``x`` (the region mask is the caller's)."""
+    N, C, T, V, M = x.shape
+    R, G = joints.shape[:2]
+    out = torch.empty((R * N, C, T, V, M), dtype=x.dtype, device=x.device)
+    if out.numel():
+        rows, cols = C * T, V * M
+        block_row, block_col, num_warps = settings(rows, cols)
+        region_r, region_n = (G, 1) if G > 1 else (1, 0)
+        launch(skelemix_gather_kernel, (R * N, triton.cdiv(rows, block_row), triton.cdiv(cols, block_col)),
+               x.contiguous(), partner.contiguous(), joints.contiguous(), span.contiguous(), out, N, T, M, rows, cols,
+               block, region_r, region_n, V, BLOCK_ROW=block_row, BLOCK_COL=block_col, num_warps=num_warps)
+    return out

@@ -1,4 +1,5 @@
-"""Triton kernels of ``skelemix::mask_pool`` (registered in :mod:`skelemix.ops._triton`).
+"""Triton kernels of ``skelemix::mask_pool`` and their launchers (the ops are registered in
+:mod:`skelemix.ops.mask_pool`).
 
 Forward: one program per (row b, block of channels) streams the ``T*V`` cells of its rows once and keeps two
 fp32 sums, inside and outside the mask (not the total minus the inside, which cancels when the inside dominates,
@@ -8,22 +9,16 @@ reduction), so neither kernel has to recount the mask.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions
+from ._launch import launch, result_dtype, tile
 
 
 def settings(channels: int, cells: int) -> tuple[int, int, int]:
-    """``(BLOCK_C, BLOCK_S, num_warps)`` for ``channels`` channels of ``cells = T*V`` cells: a tile of at most
-    4096 elements, as wide along the contiguous cells as they go (coalesced loads)."""
-    block_s = min(max(triton.next_power_of_2(cells), 16), 1024)
-    block_c = min(max(triton.next_power_of_2(channels), 1), max(4096 // block_s, 1))
-    if triton.cdiv(channels, block_c) > MAX_GRID_YZ or triton.cdiv(cells, block_s) > MAX_GRID_YZ:
-        raise ValueError(f"mask_pool (triton): C={channels} channels and T*V={cells} cells need more than "
-                         f"{MAX_GRID_YZ} programs along one grid dimension; use impl='eager' or 'cuda'")
-    num_warps = 8 if block_c * block_s >= 4096 else 4
-    return block_c, block_s, num_warps
+    """``(BLOCK_C, BLOCK_S, num_warps)`` for ``channels`` channels of ``cells = T*V`` cells."""
+    return tile("mask_pool", f"C={channels} channels and T*V={cells} cells", channels, cells, 1024)
 
 
 @triton.jit
@@ -87,3 +82,35 @@ def mask_pool_bwd_kernel(
     val = tl.where(m[None, :], g_in[:, None], g_out[:, None])
     dst = out_ptr + b * C * S + c.to(tl.int64)[:, None] * S + s[None, :]
     tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=c_ok[:, None] & s_ok[None, :])
+
+
+def _flat_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(G, T*V)`` contiguous mask and its ``(G,)`` int32 counts of True cells (one tiny torch reduction)."""
+    flat = mask.reshape(mask.shape[0], -1).contiguous()
+    return flat, flat.sum(1, dtype=torch.int32)
+
+
+def forward(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, C)`` means of ``x (B, C, T, V)`` inside and outside ``mask (G, T, V)``."""
+    B, C, T, V = x.shape
+    out = torch.empty((B, 2, C), dtype=result_dtype(x.dtype), device=x.device)
+    if B * C:
+        flat, counts = _flat_mask(mask)
+        block_c, block_s, num_warps = settings(C, T * V)
+        launch(mask_pool_fwd_kernel, (B, triton.cdiv(C, block_c)), x.contiguous(), flat, counts, out, C, T * V,
+               B // mask.shape[0], BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    return out.to(x.dtype)
+
+
+def backward(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The gradient ``(B, C, T, V)`` of :func:`forward`'s input from ``grad (B, 2, C)``, any strides."""
+    B, _, C = grad.shape
+    G, T, V = mask.shape
+    S = T * V
+    out = torch.empty((B, C, T, V), dtype=result_dtype(grad.dtype), device=grad.device)
+    if out.numel():
+        flat, counts = _flat_mask(mask)
+        block_c, block_s, num_warps = settings(C, S)
+        launch(mask_pool_bwd_kernel, (B, triton.cdiv(C, block_c), triton.cdiv(S, block_s)), grad, flat, counts, out,
+               C, S, B // G, *grad.stride(), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    return out.to(grad.dtype)

@@ -1,4 +1,5 @@
-"""Triton kernels of ``skelemix::bn_epilogue`` (registered in :mod:`skelemix.ops._triton`).
+"""Triton kernels of ``skelemix::bn_epilogue`` and their launchers (the ops are registered in
+:mod:`skelemix.ops.bn_epilogue`).
 
 ``x`` is viewed as contiguous ``(R = N*C, L)`` rows (``L`` = the product of the dims after the channels), so row
 ``r`` belongs to channel ``r % C`` and element ``(r, l)`` has the flat index ``r * L + l``, the Philox counter of
@@ -14,23 +15,20 @@ reduction ran). The dropout mask is regenerated from ``(seed, index)`` in both, 
 """
 from __future__ import annotations
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
-MAX_GRID_YZ = 65535  # CUDA's limit on the 2nd and 3rd grid dimensions
+from .. import reference
+from ._launch import launch, result_dtype, tile
 
 
 def settings(rows: int, cells: int) -> tuple[int, int, int]:
-    """``(BLOCK_R, BLOCK_L, num_warps)`` for ``rows`` rows of ``cells`` cells: a tile of at most 4096 elements,
-    as wide along the contiguous cells as they go (coalesced loads). The elementwise kernels put the cell blocks
-    on grid axis 1, so ``cells`` is bounded by CUDA's 65535 programs there."""
-    block_l = min(max(triton.next_power_of_2(cells), 16), 1024)
-    block_r = min(max(triton.next_power_of_2(rows), 1), max(4096 // block_l, 1))
-    if triton.cdiv(cells, block_l) > MAX_GRID_YZ:
-        raise ValueError(f"bn_epilogue (triton): {cells} elements per (sample, channel) need more than "
-                         f"{MAX_GRID_YZ} programs along grid axis 1; use impl='eager' or 'cuda'")
-    num_warps = 8 if block_r * block_l >= 4096 else 4
-    return block_r, block_l, num_warps
+    """``(BLOCK_R, BLOCK_L, num_warps)`` for ``rows`` rows of ``cells`` cells. The elementwise kernels put the cell
+    blocks on grid axis 1, so ``cells`` is bounded by CUDA's 65535 programs there."""
+    return tile("bn_epilogue", f"{cells} elements per (sample, channel)", rows, cells, 1024, rows_on_yz=False)
 
 
 @triton.jit
@@ -40,6 +38,16 @@ def _keep(seed_ptr, i, threshold):
     dropout_bits. The seed is read on the device (no host sync, so the op can be captured in a CUDA graph)."""
     bits = tl.randint(tl.load(seed_ptr), i)  # uint32
     return bits.to(tl.int64) >= threshold  # zero-extended: threshold may be 2**32 - 1
+
+
+@triton.jit
+def _tile(R, C, L, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The elementwise kernels' (row block, cell block) tile: its rows' bounds and channels, the in-bounds mask and
+    the int64 flat indices of its elements."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    l = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r_ok = r < R
+    return r_ok, r % C, r_ok[:, None] & (l < L)[None, :], r[:, None] * L + l[None, :]
 
 
 @triton.jit
@@ -56,12 +64,7 @@ def bn_epilogue_fwd_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_L: tl.constexpr,  # cells per program
 ):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    r_ok = r < R
-    c = r % C
-    ok = r_ok[:, None] & (l < L)[None, :]
-    i = r[:, None] * L + l[None, :]
+    r_ok, c, ok, i = _tile(R, C, L, BLOCK_R, BLOCK_L)
     mean = tl.load(mean_ptr + c, mask=r_ok, other=0.0)
     a = tl.load(a_ptr + c, mask=r_ok, other=0.0)
     bias = tl.load(bias_ptr + c, mask=r_ok, other=0.0)
@@ -142,12 +145,7 @@ def bn_epilogue_bwd_kernel(
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_L: tl.constexpr,  # cells per program
 ):
-    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
-    r_ok = r < R
-    c = r % C
-    ok = r_ok[:, None] & (l < L)[None, :]
-    i = r[:, None] * L + l[None, :]
+    r_ok, c, ok, i = _tile(R, C, L, BLOCK_R, BLOCK_L)
     gu, gp = _grad_pre(g_ptr, y_ptr, seed_ptr, i, ok, threshold, keep_scale, DROPOUT, RELU)
     if WRITE_RES:
         tl.store(gres_ptr + i, gu.to(gres_ptr.dtype.element_ty), mask=ok)
@@ -179,3 +177,82 @@ def dropout_keep_kernel(
     ok = j < n
     i = tl.load(idx_ptr + j, mask=ok, other=0)
     tl.store(out_ptr + j, _keep(seed_ptr, i, threshold).to(tl.int8), mask=ok)
+
+
+def _dropout_args(p: float) -> tuple[int, float]:
+    # (threshold, 1 / (1 - p)): plain numbers, so the seed is the only dropout state read on the device.
+    return reference.dropout_threshold(p), 1.0 / (1.0 - p)
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
+            stats_mean: torch.Tensor | None, stats_var: torch.Tensor | None, seed: torch.Tensor, eps: float, p: float,
+            relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, var)`` of :func:`skelemix.reference.bn_epilogue`: batch statistics by ``torch.var_mean`` in fp32,
+    then one pass of :func:`bn_epilogue_fwd_kernel`."""
+    N, C = x.shape[:2]
+    L = math.prod(x.shape[2:])
+    if stats_mean is None:
+        var, mean = torch.var_mean(x.to(torch.float32), dim=[0, *range(2, x.dim())], correction=0)
+        used_mean, used_var = mean, var
+    else:
+        used_mean, used_var = stats_mean, stats_var
+        mean, var = (x.new_empty((0,), dtype=torch.float32) for _ in range(2))  # two: outputs may not alias
+    a = weight * torch.rsqrt(used_var + eps)  # as the reference computes it
+    y = torch.empty(x.shape, dtype=result_dtype(x.dtype), device=x.device)
+    if y.numel():
+        xc = x.contiguous()
+        rc = residual.contiguous() if residual is not None else xc  # xc: a dummy pointer, never read
+        threshold, keep_scale = _dropout_args(p)
+        block_r, block_l, num_warps = settings(N * C, L)
+        launch(bn_epilogue_fwd_kernel, (triton.cdiv(N * C, block_r), triton.cdiv(L, block_l)), xc, rc, y,
+               used_mean.contiguous(), a, bias.contiguous(), seed, N * C, C, L, threshold, keep_scale,
+               HAS_RES=residual is not None, DROPOUT=p > 0, RELU=relu, BLOCK_R=block_r, BLOCK_L=block_l,
+               num_warps=num_warps)
+    return y.to(x.dtype), mean, var
+
+
+def backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+             var: torch.Tensor, seed: torch.Tensor, eps: float, p: float, relu: bool, batch_stats: bool,
+             output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of x, weight, bias and residual that ``output_mask`` asks for (the others empty), from the
+    reduction pass (the per-channel sums, and grad_residual on the way) and the elementwise pass."""
+    want_x, want_w, want_b, want_res = output_mask
+    N, C = x.shape[:2]
+    L = math.prod(x.shape[2:])
+    R, n = N * C, max(N * L, 1)
+    gx = torch.empty(x.shape, dtype=result_dtype(x.dtype), device=x.device) if want_x else None
+    gres = torch.empty(x.shape, dtype=result_dtype(x.dtype), device=x.device) if want_res else None
+    # Per-row fp32 sums of gp and gp * xhat, summed over the batch below.
+    need_sums = want_w or want_b or (want_x and batch_stats)
+    sums = torch.zeros((2, N, C), dtype=torch.float32, device=x.device) if need_sums else None
+    invstd = torch.rsqrt(var + eps)
+    a = weight * invstd
+    gc, xc, yc, mc = grad.contiguous(), x.contiguous(), y.contiguous(), mean.contiguous()
+    threshold, keep_scale = _dropout_args(p)
+    block_r, block_l, num_warps = settings(R, L)
+    flags = dict(DROPOUT=p > 0, RELU=relu, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=num_warps)
+    if need_sums and R * L:
+        launch(bn_epilogue_bwd_reduce_kernel, (triton.cdiv(R, block_r),), gc, xc, yc, gres if want_res else gc,
+               sums[0], sums[1], mc, invstd, seed, R, C, L, threshold, keep_scale, WRITE_RES=want_res, **flags)
+    gb, gw = (sums[0].sum(0), sums[1].sum(0)) if need_sums else (None, None)  # two reductions: no aliasing
+    if (want_x or (want_res and not need_sums)) and R * L:
+        cb, cw = (gb / n, gw / n) if want_x and batch_stats else (a, a)  # (a, a): dummies, never read
+        launch(bn_epilogue_bwd_kernel, (triton.cdiv(R, block_r), triton.cdiv(L, block_l)), gc, xc, yc,
+               gx if want_x else gc, gres if want_res else gc, mc, invstd, a, cb, cw, seed, R, C, L, threshold,
+               keep_scale, BATCH_STATS=batch_stats, WRITE_X=want_x, WRITE_RES=want_res and not need_sums, **flags)
+
+    def empty():  # a fresh one per output: outputs may not alias
+        return x.new_empty((0,), dtype=torch.float32)
+
+    return (gx.to(x.dtype) if want_x else empty(), gw if want_w else empty(), gb if want_b else empty(),
+            gres.to(x.dtype) if want_res else empty())
+
+
+def dropout_keep(seed: torch.Tensor, index: torch.Tensor, p: float) -> torch.Tensor:
+    """The forward's dropout mask (bool, True = kept) at int64 flat indices ``index`` under ``seed``: lets tests
+    reach indices beyond 2**32."""
+    out = torch.empty(index.shape, dtype=torch.int8, device=index.device)
+    if index.numel():
+        launch(dropout_keep_kernel, (triton.cdiv(index.numel(), 128),), seed, index.contiguous(), out, index.numel(),
+               reference.dropout_threshold(p), BLOCK=128)
+    return out.bool()

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from . import ops
+from . import ops, reference
 
 MODES = ("swap", "zeros", "gaussian")
 SPATIAL_MODES = ("semantic", "random")
@@ -114,7 +114,7 @@ class SkeleMix:
         """``(groups, blocks, V)`` bool region at block (= feature) resolution (same draws as
         :meth:`sample_region`)."""
         joints, span = self.sample_region(groups, blocks, generator)
-        return block_mask(joints, span, blocks)
+        return reference.block_region(joints, span, blocks)
 
     def __call__(self, x: torch.Tensor, generator=None) -> MixedBatch:
         """Mix a batch ``(N, C, T, V, M)``; ``T`` must be a multiple of ``block``."""
@@ -163,57 +163,28 @@ class SkeleMix:
         partner, joints, span = (torch.stack(d) for d in zip(*draws))
         return {"partner": partner, "joints": joints, "span": span}
 
-    def apply(self, x: torch.Tensor, draws: dict[str, torch.Tensor], sync_free: bool = False) -> list[MixedBatch]:
+    def apply(self, x: torch.Tensor, draws: dict[str, torch.Tensor]) -> list[MixedBatch]:
         """The mixed batches of ``x`` from :meth:`draw`'s draws (on the device of ``x``).
 
-        ``sync_free=True`` builds the swap mixes with device-side indexing instead of
-        :func:`skelemix.ops.skelemix_gather`, whose value checks copy ``partner`` and ``span`` to the host (a
-        synchronisation that CUDA graph capture forbids); the result is the same copy. The draws of
-        :meth:`draw` are valid by construction.
+        Never synchronises with the device, so CUDA graph capture can take it: the draws are valid by
+        construction, so :func:`skelemix.ops.skelemix_gather` runs without its value checks (which would copy
+        ``partner`` and ``span`` to the host).
         """
         self._check_shape(x.shape)
         N = x.shape[0]
         with torch.no_grad():
             if self.mode != "swap":
                 masks = draws["mask"]
-                region = _frames(masks, self.block)  # (R, G, T, V)
+                region = reference.frame_region(masks, self.block, x.shape[2])  # (R, G, T, V)
                 out = []
                 for r in range(masks.shape[0]):
                     fill = torch.zeros_like(x) if self.mode == "zeros" else draws["fill"][r].to(x)
                     out.append(MixedBatch(torch.where(region[r][:, None, :, :, None], fill, x), masks[r], None))
                 return out
             partner, joints, span = draws["partner"], draws["joints"], draws["span"]
-            if sync_free:
-                mixed, mask = _gather(x, partner, joints, span, self.block)
-            else:
-                mixed, mask = ops.skelemix_gather(x, partner, joints, span, self.block, impl=self.impl,
-                                                   check_values=False)  # valid by construction: no sync
+            mixed, mask = ops.skelemix_gather(x, partner, joints, span, self.block, impl=self.impl,
+                                               check_values=False)
         # A shared region has identical rows for every sample: keep one, as the (1, T', V) mask pooling expects.
         return [MixedBatch(mixed[r * N:(r + 1) * N], mask[r] if self.per_sample else mask[r, :1], partner[r])
                 for r in range(partner.shape[0])]
 
-
-def _frames(mask: torch.Tensor, block: int) -> torch.Tensor:
-    """A block-resolution mask ``(..., blocks, V)`` at frame resolution ``(..., blocks * block, V)``; the same
-    as ``repeat_interleave(block, dim=-2)``, as a view expansion (no host synchronisation)."""
-    *lead, blocks, V = mask.shape
-    return mask.unsqueeze(-2).expand(*lead, blocks, block, V).reshape(*lead, blocks * block, V)
-
-
-def _gather(x, partner, joints, span, block):
-    """:func:`skelemix.ops.skelemix_gather` for ``T`` a multiple of ``block`` with device-side indexing only
-    (the eager reference with its ``repeat_interleave`` replaced by :func:`_frames`)."""
-    N, _, T, V, _ = x.shape
-    R, G = joints.shape[:2]
-    b = torch.arange(T // block, device=x.device)
-    frames = (b >= span[..., :1]) & (b < span[..., 1:])  # (R, G, Tb)
-    mask = (frames[..., None] & joints[:, :, None, :]).expand(R, N, T // block, V).contiguous()
-    mixed = torch.where(_frames(mask, block)[:, :, None, :, :, None], x[partner], x[None])
-    return mixed.reshape(R * N, *x.shape[1:]), mask
-
-
-def block_mask(joints: torch.Tensor, span: torch.Tensor, blocks: int) -> torch.Tensor:
-    """``(G, blocks, V)`` bool region from ``joints (G, V)`` and ``span (G, 2)`` ``[start, end)`` in blocks."""
-    b = torch.arange(blocks, device=span.device)[None]
-    frames = (b >= span[:, :1]) & (b < span[:, 1:])
-    return frames[:, :, None] & joints[:, None, :]

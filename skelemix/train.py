@@ -345,8 +345,7 @@ class Trainer:
         # No autocast weight cache inside a captured graph (torch's CUDA graph notes); the values are the same.
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.train.amp == "bf16",
                             cache_enabled=False if self.sync_free else None):
-            return self.net(views[0], views[1], generator=self.generator, mix_draws=draws["mix"],
-                            sync_free=self.sync_free)
+            return self.net(views[0], views[1], generator=self.generator, mix_draws=draws["mix"])
 
     def train_step(self, x: torch.Tensor) -> dict:
         x = x.to(self.device, non_blocking=True)

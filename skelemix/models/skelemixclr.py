@@ -134,7 +134,7 @@ class SkeleMixCLR(nn.Module):
         return [mixer.draw(shape, int(row[4]), generator) for mixer, row in zip(self.mixers, self.swap_params)]
 
     def forward(self, queries: torch.Tensor | Sequence[torch.Tensor], key: torch.Tensor, generator=None,
-                mix_draws: Sequence[dict] | None = None, sync_free: bool = False) -> dict:
+                mix_draws: Sequence[dict] | None = None) -> dict:
         """One pretraining step's loss.
 
         Args:
@@ -143,9 +143,8 @@ class SkeleMixCLR(nn.Module):
             generator: torch generator for the mixing draws (the global RNG if None) and, with
                 ``shuffle_key_bn``, the key shuffle.
             mix_draws: the mixing draws of :meth:`draw_mixes`, on the device: then nothing is drawn for the
-                mixing (the result is that of drawing them here from the same generator state).
-            sync_free: with ``mix_draws``, mix with device-side indexing (:meth:`SkeleMix.apply`): then the
-                forward, backward and enqueue never synchronise with the host, as CUDA graph capture needs.
+                mixing (the result is that of drawing them here from the same generator state), and the forward,
+                backward and enqueue never synchronise with the host, as CUDA graph capture needs.
 
         Returns a dict with ``loss`` (to backpropagate) and detached parts ``loss_ins``, ``loss_p``,
         ``loss_c`` (per-term means over views/mixes) and ``acc_ins`` (instance top-1 of the positive).
@@ -165,7 +164,7 @@ class SkeleMixCLR(nn.Module):
         elif len(mix_draws) != len(self.mixers):
             raise ValueError(f"got mixing draws for {len(mix_draws)} query views; the model mixes {len(self.mixers)}")
         else:
-            mixed = [mixer.apply(q, d, sync_free) for q, mixer, d in zip(queries, self.mixers, mix_draws)]
+            mixed = [mixer.apply(q, d) for q, mixer, d in zip(queries, self.mixers, mix_draws)]
         q_feats = [_unit(self.encoder_q(q)) for q in queries]
         pc_feats = [[tuple(_unit(f) for f in self.encoder_q(mb.x, mb.mask)) for mb in view] for view in mixed]
         with torch.no_grad():

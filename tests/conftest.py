@@ -1,4 +1,9 @@
-"""Markers turned into skips, a fixed seed and RNG isolation for every test."""
+"""Markers turned into skips, a fixed seed and RNG isolation for every test.
+
+``needs_impl(name)`` skips a test when implementation ``name`` (cpp, cuda, triton) cannot run here, saying why
+(skelemix's own report: not built, no GPU, no triton); the op tests get it from
+:func:`skelemix.testing.impl_cases`.
+"""
 import faulthandler
 import importlib.util
 import os
@@ -31,6 +36,18 @@ def _triton_importable() -> bool:
     return True
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "needs_impl(name): needs implementation name (cpp, cuda or triton) to be "
+                                       "usable here (skipped otherwise, with the reason)")
+
+
+def _impl_missing(name: str) -> str:
+    from skelemix import _extension
+
+    ok, why = _extension.available(name)
+    return "" if ok else f"needs impl={name!r}: {why}"
+
+
 def pytest_collection_modifyitems(config, items):
     skips = {
         "needs_cuda": (lambda: not torch.cuda.is_available(), "needs a CUDA device (torch.cuda.is_available() is False)"),
@@ -41,8 +58,14 @@ def pytest_collection_modifyitems(config, items):
                              "needs triton and TRITON_INTERPRET=1 (Triton's CPU interpreter; set by this conftest "
                              "when no GPU is visible)"),
     }
-    decided = {}
+    decided, impls = {}, {}
     for item in items:
+        for mark in item.iter_markers("needs_impl"):
+            name = mark.args[0]
+            if name not in impls:
+                impls[name] = _impl_missing(name)
+            if impls[name]:
+                item.add_marker(pytest.mark.skip(reason=impls[name]))
         for marker, (missing, reason) in skips.items():
             if marker in item.keywords:
                 if marker not in decided:

@@ -21,6 +21,24 @@ def run_python(code, tmp_path, **env):
                           timeout=300)
 
 
+def test_ci_requires_cpp():
+    """CI sets SKELEMIX_REQUIRE_CPP=1 so that a silently missing extension fails instead of skipping."""
+    if os.environ.get("SKELEMIX_REQUIRE_CPP") != "1":
+        pytest.skip("SKELEMIX_REQUIRE_CPP is not set")
+    assert _extension.HAS_CPP, f"SKELEMIX_REQUIRE_CPP=1 but the C++ ops are not usable: {_extension.LOAD_ERROR}"
+
+
+def test_ci_requires_cuda_build():
+    """Without it a CUDA build that failed to load would skip every impl='cuda' test. No device marker: CI's
+    CUDA-build stage (no GPU) runs it too; bench/device_check.sh selects it by its node ID, first."""
+    if os.environ.get("SKELEMIX_REQUIRE_CUDA_BUILD") != "1":
+        pytest.skip("SKELEMIX_REQUIRE_CUDA_BUILD is not set")
+    assert _extension.HAS_CUDA_KERNELS, (
+        f"SKELEMIX_REQUIRE_CUDA_BUILD=1 but the CUDA kernels were not compiled: {_extension.available('cuda')[1]}")
+    if torch.cuda.is_available():  # on a GPU the kernels must also be usable
+        assert _extension.available("cuda") == (True, ""), _extension.available("cuda")[1]
+
+
 def test_build_info_is_sane():
     info = _extension.build_info()
     assert info["torch"] == torch.__version__
@@ -82,6 +100,17 @@ def test_kernels_installed_inside_the_package(tmp_path):
     # the install put the repository root on sys.path (or PYTHONPATH does).
     assert top_level == "None" or Path(top_level).resolve().parent != Path(ours), (
         f"top-level `kernels` resolves to skelemix's Triton kernels at {top_level}")
+
+
+@pytest.mark.needs_triton
+def test_triton_kernels_compile_for_hopper():
+    """Every Triton kernel (all forward autotune configs) compiles to an sm_90 cubin, GPU or not: catches what the
+    interpreter does not check (layouts of tl.reshape/tl.dot, shared memory, register spills are not run)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("triton_compile_check.py")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "FAILED" not in res.stdout, res.stdout + res.stderr
+    assert res.stdout.count("ok ") >= 3 * 8, res.stdout  # 8 kernels x 3 dtypes at least
 
 
 def test_import_and_eager_without_extension(tmp_path):

@@ -1,4 +1,5 @@
-"""skelemix.ops.skelemix_gather: the C++ op against the eager reference, its PT2 surface, errors and impl selection.
+"""skelemix.ops.skelemix_gather: every implementation against the eager reference, its PT2 surface, errors and
+impl selection.
 
 The op is a copy, so every comparison is exact (bit-for-bit), in every dtype.
 """
@@ -9,27 +10,22 @@ import torch
 
 from skelemix import _extension, reference
 from skelemix.ops import skelemix_gather
-from skelemix.testing import poison_allocator, require_impl, sample_inputs_skelemix_gather
+from skelemix.testing import (DTYPES, assert_bitwise_equal, compile_backend, impl_cases, opcheck, poison_allocator,
+                              register_triton, sample_inputs_skelemix_gather)
 
 gather_module = importlib.import_module("skelemix.ops.skelemix_gather")  # the attribute is the function
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-IMPL_OF = {"cpu": "cpp", "cuda": "cuda"}
-BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+RAW_OPS = {"cpp": "skelemix_gather", "cuda": "skelemix_gather", "triton": "skelemix_gather_triton"}
+WITH_EAGER = [pytest.param("eager", "cpu", id="eager")] + impl_cases()
 
 
-needs_cpp = pytest.mark.skipif(not _extension.HAS_CPP, reason=f"C++ ops not loaded: {_extension.LOAD_ERROR}")
+def raw_op(impl):
+    if impl == "triton":
+        register_triton()
+    return getattr(torch.ops.skelemix, RAW_OPS[impl])
 
 
-def assert_bitwise_equal(actual, expected, name):
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
-        f"{name}: {tuple(actual.shape)} {actual.dtype} != expected {tuple(expected.shape)} {expected.dtype}")
-    if actual.dtype.is_floating_point:
-        actual, expected = actual.view(BITS[actual.element_size()]), expected.view(BITS[expected.element_size()])
-    bad = actual != expected
-    assert not bool(bad.any()), f"{name}: {int(bad.sum())} of {bad.numel()} elements differ; first at " \
-                                f"{tuple(bad.nonzero()[0].tolist())}"
+def on(device, args):
+    return [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
 
 
 def check_against_reference(args, impl, name):
@@ -45,16 +41,13 @@ def check_against_reference(args, impl, name):
 # ---------------------------------------------------------------------------------------------------- parity
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_forward_matches_reference(device, dtype):
-    impl = IMPL_OF[device]
-    require_impl(impl)
+@pytest.mark.parametrize("impl, device, dtype", impl_cases(dtypes=DTYPES, triton_float64=True))
+def test_forward_matches_reference(impl, device, dtype):
     for name, args in sample_inputs_skelemix_gather(device, dtype):
         check_against_reference(args, impl, name)
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_cpu_threads_split_the_rows():
     """Large enough for at::parallel_for to split the (r, n, c) rows between threads (64k elements a task)."""
     before = torch.get_num_threads()
@@ -68,26 +61,26 @@ def test_cpu_threads_split_the_rows():
         torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_copies_bits_exactly(device):
+@pytest.mark.parametrize("impl, device", impl_cases())
+def test_copies_bits_exactly(impl, device):
     """NaN payloads, -0 and infinities pass through unchanged: the kernels move raw bits."""
-    require_impl(IMPL_OF[device])
     for dtype in DTYPES:
         x = torch.randn(3, 2, 6, 25, 2, device=device, dtype=dtype)
-        bits = x.view(BITS[x.element_size()])
+        bits = x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
         bits[0, 0, :2] = 0x7C01 if x.element_size() == 2 else 0x7FC00123  # NaNs with a payload
         x[1, 1, 2:4] = -0.0
         x[2, 0, 4:] = float("-inf")
         partner = torch.tensor([[1, 2, 0], [2, 0, 1]], device=device)
         joints = torch.rand(2, 1, 25, device=device) < 0.5
         span = torch.tensor([[[0, 3]], [[1, 2]]], device=device)
-        mixed, _ = skelemix_gather(x, partner, joints, span, 2, impl=IMPL_OF[device])
+        mixed, _ = skelemix_gather(x, partner, joints, span, 2, impl=impl)
         expected, _ = reference.skelemix_gather(x, partner, joints, span, 2)
         assert_bitwise_equal(mixed, expected, str(dtype))
 
 
-def test_semantics_on_a_hand_made_example():
-    """The reference and the kernel against the definition, element by element: T=5 is not a multiple of
+@pytest.mark.parametrize("impl, device", WITH_EAGER)
+def test_semantics_on_a_hand_made_example(impl, device):
+    """The reference and the kernels against the definition, element by element: T=5 is not a multiple of
     block=2, so the last block (frame 4) is partial; sample 1 has an empty span."""
     N, C, T, V, M, block = 3, 2, 5, 4, 2, 2
     x = torch.arange(N * C * T * V * M, dtype=torch.float32).reshape(N, C, T, V, M)
@@ -107,32 +100,29 @@ def test_semantics_on_a_hand_made_example():
                     expected[r * N + n, :, t, v] = x[partner[r, n] if pasted else n, :, t, v]
             for b in range(3):
                 expected_mask[r, n, b] = joints[r, n] & (start <= b < end)
-    impls = ["eager"] + (["cpp"] if _extension.HAS_CPP else [])
-    for impl in impls:
-        mixed, mask = skelemix_gather(x, partner, joints, span, block, impl=impl)
-        assert torch.equal(mixed, expected), impl
-        assert torch.equal(mask, expected_mask), impl
+    mixed, mask = skelemix_gather(*on(device, (x, partner, joints, span, block)), impl=impl)
+    assert torch.equal(mixed.cpu(), expected), impl
+    assert torch.equal(mask.cpu(), expected_mask), impl
 
 
-@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
-def test_g1_shorthand(impl):
-    x, partner, joints, span, block = sample_inputs_skelemix_gather()[1].args  # G == 1
+@pytest.mark.parametrize("impl, device", WITH_EAGER)
+def test_g1_shorthand(impl, device):
+    x, partner, joints, span, block = sample_inputs_skelemix_gather(device)[1].args  # G == 1
     full = skelemix_gather(x, partner, joints, span, block, impl=impl)
     short = skelemix_gather(x, partner, joints[:, 0], span[:, 0], block, impl=impl)
     assert torch.equal(full[0], short[0]) and torch.equal(full[1], short[1])
 
 
-@pytest.mark.needs_cuda
-def test_cuda_runs_on_current_stream():
+@pytest.mark.parametrize("impl, device", impl_cases(devices=("cuda",)))
+def test_runs_on_current_stream(impl, device):
     """The kernel must run on the current stream (extension-cpp's reduce-overhead bug)."""
-    require_impl("cuda")
-    x, partner, joints, span, block = sample_inputs_skelemix_gather("cuda")[0].args
+    x, partner, joints, span, block = sample_inputs_skelemix_gather(device)[0].args
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         big = x.repeat(256, 1, 1, 1, 1)  # queue work first, so a kernel on the wrong stream reads too early
-        p = partner.repeat(1, 256) + torch.arange(256, device="cuda").repeat_interleave(x.shape[0]) * x.shape[0]
-        mixed, mask = skelemix_gather(big, p, joints, span, block, impl="cuda")
+        p = partner.repeat(1, 256) + torch.arange(256, device=device).repeat_interleave(x.shape[0]) * x.shape[0]
+        mixed, mask = skelemix_gather(big, p, joints, span, block, impl=impl)
     stream.synchronize()
     expected = reference.skelemix_gather(big, p, joints, span, block)
     assert torch.equal(mixed, expected[0]) and torch.equal(mask, expected[1])
@@ -141,29 +131,28 @@ def test_cuda_runs_on_current_stream():
 # ---------------------------------------------------------------------------------------------- PT2 and autograd
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    require_impl(IMPL_OF[device])
+@pytest.mark.parametrize("impl, device", impl_cases())
+def test_opcheck(impl, device):
+    op = raw_op(impl)
     for name, args in sample_inputs_skelemix_gather(device, torch.float32):
-        torch.library.opcheck(torch.ops.skelemix.skelemix_gather.default, args)
+        opcheck(op.default, args)
 
 
-@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_compile_fullgraph(impl, dynamic):
+@pytest.mark.parametrize("impl, device", WITH_EAGER)
+def test_compile_fullgraph(impl, device, dynamic):
     def fn(x, partner, joints, span):
         mixed, mask = skelemix_gather(x, partner, joints, span, 4, impl=impl)
         return mixed * 2, mask.sum()
 
-    # aot_eager traces through the fake kernel without Inductor's slow CPU codegen.
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=dynamic)
-    for name, (x, partner, joints, span, block) in sample_inputs_skelemix_gather()[:2]:
+    compiled = torch.compile(fn, fullgraph=True, backend=compile_backend(impl), dynamic=dynamic)
+    for name, (x, partner, joints, span, block) in sample_inputs_skelemix_gather(device)[:2]:
         assert block == 4
         actual, expected = compiled(x, partner, joints, span), fn(x, partner, joints, span)
         assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1]), name
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_backward_through_the_cpp_op_raises():
     x, partner, joints, span, block = sample_inputs_skelemix_gather()[0].args
     mixed, _ = skelemix_gather(x.requires_grad_(), partner, joints, span, block, impl="cpp")
@@ -237,6 +226,8 @@ BAD_VALUES = [
     pytest.param(dict(x=torch.randn(4, 3, 15, 25, 2), span=torch.tensor([[[0, 4]], [[1, 5]]])),
                  r"ceil\(T / block\) = 4 \(T=15, block=4\); got span\[1, 0\] = \[1, 5\]", id="span_partial_block"),
 ]
+# On the host: the wrapper checks eager's and Triton's values, the C++ CPU kernel its own.
+HOST = [pytest.param("eager", "cpu", id="eager")] + impl_cases(("cpp", "triton"), devices=("cpu",))
 
 
 @pytest.mark.parametrize("changes, exc, match", BAD_SHAPES)
@@ -245,35 +236,36 @@ def test_wrapper_errors(changes, exc, match):
         skelemix_gather(*args_with(**changes))
 
 
-@needs_cpp
 @pytest.mark.parametrize("changes, exc, match", BAD_SHAPES)
-def test_raw_op_errors(changes, exc, match):
-    # The CPU kernel or, for meta inputs, the fake kernel raises; both prefix the op name.
-    with pytest.raises(RuntimeError, match=r"skelemix::skelemix_gather: " + match):
-        torch.ops.skelemix.skelemix_gather(*args_with(**changes))
+@pytest.mark.parametrize("impl, device", impl_cases(("cpp", "triton"), devices=("cpu",)))
+def test_raw_op_errors(impl, device, changes, exc, match):
+    # The CPU kernel or, for meta inputs, the fake kernel raises; the Triton op checks in its body. Both prefix
+    # the op name.
+    with pytest.raises(RuntimeError, match=f"skelemix::{RAW_OPS[impl]}: " + match):
+        raw_op(impl)(*args_with(**changes))
 
 
-@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
 @pytest.mark.parametrize("changes, match", BAD_VALUES)
-def test_value_errors(changes, match, impl):
-    # eager: checked by the wrapper; cpp: by the kernel (raw op, prefix skelemix::skelemix_gather).
-    prefix = r"skelemix\.ops\.skelemix_gather: " if impl == "eager" else r"skelemix::skelemix_gather: "
+@pytest.mark.parametrize("impl, device", HOST)
+def test_value_errors(impl, device, changes, match):
+    # eager and triton: checked by the wrapper; cpp: by the kernel (raw op, prefix skelemix::skelemix_gather).
+    prefix = r"skelemix::skelemix_gather: " if impl == "cpp" else r"skelemix\.ops\.skelemix_gather: "
     with pytest.raises(ValueError, match=prefix + ".*" + match):
         skelemix_gather(*args_with(**changes), impl=impl)
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.needs_impl("cuda")
 @pytest.mark.parametrize("changes, match", BAD_VALUES[:3])
 def test_value_errors_cuda(changes, match):
-    require_impl("cuda")
-    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args_with(**changes)]
+    args = on("cuda", args_with(**changes))
     with pytest.raises(ValueError, match=r"skelemix::skelemix_gather: .*" + match):
         torch.ops.skelemix.skelemix_gather(*args)
     torch.cuda.synchronize()  # the context is still usable: no device-side assert fired
 
 
-@pytest.mark.parametrize("impl", ["eager", pytest.param("cpp", marks=needs_cpp)])
-def test_cpu_checks_values_even_when_told_not_to(impl):
+@pytest.mark.parametrize("impl, device", [pytest.param("eager", "cpu", id="eager")] + impl_cases(("cpp",)))
+def test_cpu_checks_values_even_when_told_not_to(impl, device):
     """check_values=False skips what would synchronise with a GPU; on the host checking is free (and eager's
     indexing needs it), so a bad partner still raises."""
     changes, match = BAD_VALUES[0].values
@@ -285,30 +277,40 @@ def test_cpu_checks_values_even_when_told_not_to(impl):
             assert_bitwise_equal(got, want, f"{name} unchecked")
 
 
-@pytest.mark.needs_cuda
-def test_unchecked_values_do_not_synchronise_or_read_out_of_bounds():
-    """check_values=False (SkeleMix's own valid draws): no host synchronisation, which the checked call needs;
-    an invalid partner then copies the sample itself instead of reading outside x."""
-    require_impl("cuda")
-    x, partner, joints, span, block = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args_with()]
-    want = skelemix_gather(x, partner, joints, span, block, impl="cuda")
+@pytest.mark.parametrize("impl, device", [pytest.param("eager", "cuda", marks=pytest.mark.needs_cuda, id="eager-cuda")]
+                         + impl_cases(("cuda", "triton"), devices=("cuda",)))
+def test_unchecked_values_do_not_synchronise(impl, device):
+    """check_values=False (SkeleMix's own valid draws, the captured training step): no host synchronisation, which
+    the checked call needs, in every implementation."""
+    x, partner, joints, span, block = on(device, args_with())
+    want = skelemix_gather(x, partner, joints, span, block, impl=impl)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = skelemix_gather(x, partner, joints, span, block, impl="cuda", check_values=False)
+        got = skelemix_gather(x, partner, joints, span, block, impl=impl, check_values=False)
         with pytest.raises(RuntimeError, match="synchroniz"):
-            skelemix_gather(x, partner, joints, span, block, impl="cuda")
+            skelemix_gather(x, partner, joints, span, block, impl=impl)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for g, w in zip(got, want):
         assert_bitwise_equal(g, w, "unchecked")
+
+
+@pytest.mark.parametrize("impl, device", impl_cases(("cuda", "triton")))
+def test_unchecked_bad_partner_copies_the_sample_itself(impl, device):
+    """With check_values=False an invalid partner makes the kernels copy the sample itself instead of reading
+    outside x; the checked call still raises."""
+    x, partner, joints, span, block = on(device, args_with())
     bad = partner.clone()
     bad[0, 1], bad[1, 2] = 4, -7
-    mixed, _ = skelemix_gather(x, bad, joints, span, block, impl="cuda", check_values=False)
+    mixed, mask = skelemix_gather(x, bad, joints, span, block, impl=impl, check_values=False)
     fixed = bad.clone()
     fixed[0, 1], fixed[1, 2] = 1, 2  # the samples themselves
-    assert_bitwise_equal(mixed, reference.skelemix_gather(x, fixed, joints, span, block)[0], "bad partner")
-    torch.cuda.synchronize()
+    want_mixed, want_mask = reference.skelemix_gather(x, fixed, joints, span, block)
+    assert_bitwise_equal(mixed, want_mixed, "bad partner")
+    assert_bitwise_equal(mask, want_mask, "bad partner mask")
+    with pytest.raises(ValueError, match="partner must hold sample indices"):
+        skelemix_gather(x, bad, joints, span, block, impl=impl)
 
 
 def test_non_tensor_arguments():
@@ -317,11 +319,20 @@ def test_non_tensor_arguments():
         skelemix_gather(x, partner.tolist(), joints, span, block)
 
 
+@pytest.mark.needs_triton
+def test_launch_settings_are_pure_and_bounded():
+    from skelemix.kernels import skelemix_gather as kernels
+
+    assert kernels.settings(3 * 64, 25 * 2) == (64, 64, 8)  # (BLOCK_ROW, BLOCK_COL, num_warps)
+    with pytest.raises(ValueError, match="skelemix_gather .* more than 65535 programs"):
+        kernels.settings(1 << 30, 50)
+
+
 # ----------------------------------------------------------------------------------------- impl selection
 
 
 def test_impl_triton_on_cpu_raises(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors need Triton's interpreter (tests/test_triton.py)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors need Triton's interpreter
     with pytest.raises((NotImplementedError, RuntimeError, ValueError), match=r"impl='triton'"):
         skelemix_gather(*args_with(), impl="triton")
 

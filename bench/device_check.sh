@@ -64,21 +64,23 @@ if $PY -c "import pytest_timeout" 2>/dev/null; then PYTEST="$PYTEST --timeout=90
 
 tests_parity() {  # the CUDA build must have loaded, then every kernel against the reference on the device
   local rc=0
-  env SKELEMIX_REQUIRE_CUDA_BUILD=$((1 - DRY)) $PY $PYTEST tests/test_mask_pool.py::test_ci_requires_cuda_build || rc=$?
-  $PY $PYTEST --maxfail=10 -m needs_cuda -k "not compile and not graph_capture" tests/test_selfcheck.py \
-    tests/test_graph_conv.py tests/test_mask_pool.py tests/test_skelemix_gather.py tests/test_bn_epilogue.py \
-    tests/test_triton.py || rc=$?
+  env SKELEMIX_REQUIRE_CUDA_BUILD=$((1 - DRY)) $PY $PYTEST tests/test_extension.py::test_ci_requires_cuda_build || rc=$?
+  $PY $PYTEST --maxfail=10 -m needs_cuda -k "not compile and not graph_capture" tests/test_selfcheck.py $OP_TESTS \
+    || rc=$?
   return $rc
 }
 
-tests_long() {  # CUDA-graph training (train.cuda_graph), then Inductor compiles of the Triton ops
+tests_long() {  # CUDA-graph training (train.cuda_graph), then the ops' compile (Inductor for Triton) and capture tests
   local rc=0
   $PY $PYTEST --maxfail=5 -m needs_cuda tests/test_cuda_graph.py || rc=$?
-  $PY $PYTEST --maxfail=5 -m needs_cuda -k "compile or graph_capture" tests/test_triton.py || rc=$?
+  $PY $PYTEST --maxfail=5 -m needs_cuda -k "compile or graph_capture" $OP_TESTS || rc=$?
   return $rc
 }
+# Every implementation of an op (cpp, cuda, triton) is a parameter of its tests: the device's cases are marked
+# needs_cuda.
+OP_TESTS="tests/test_graph_conv.py tests/test_mask_pool.py tests/test_skelemix_gather.py tests/test_bn_epilogue.py"
 export -f tests_parity tests_long
-export PY PYTEST DRY
+export PY PYTEST DRY OP_TESTS
 
 GPU=$(command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | head -1)
 summary "device_check $(date -u +%FT%TZ)$([ "$DRY" -eq 1 ] && echo ' DRY RUN (CPU, tiny sizes)') on ${GPU:-no GPU}"

@@ -58,12 +58,16 @@ def _short(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def register_triton() -> None:
-    """Register every op's Triton ops (what running one does first), so tests can call them by name."""
-    from .ops._impl import register_triton_once
+def raw_ops(impl: str, *names: str) -> list:
+    """The ops ``torch.ops.skelemix.<name>`` of ``impl``: the C++ ops for ``cpp`` and ``cuda``; for ``triton``
+    ``<name>_triton``, registered first (as running an op through its wrapper does)."""
+    if impl == "triton":
+        from .ops._impl import register_triton_once
 
-    for op in OPS:
-        register_triton_once(op, importlib.import_module(f"skelemix.ops.{op}")._register_triton)
+        for op in OPS:
+            register_triton_once(op, importlib.import_module(f"skelemix.ops.{op}")._register_triton)
+        names = tuple(f"{name}_triton" for name in names)
+    return [getattr(torch.ops.skelemix, name) for name in names]
 
 
 def opcheck(op, args) -> None:

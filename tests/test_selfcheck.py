@@ -18,7 +18,6 @@ import torch
 from skelemix import _extension, info, ops, reference, selfcheck
 from skelemix.ops import _impl
 
-needs_cpp = pytest.mark.skipif(not _extension.HAS_CPP, reason=f"C++ ops not loaded: {_extension.LOAD_ERROR}")
 CPU = torch.device("cpu")
 
 
@@ -60,7 +59,7 @@ def wrong_graph_conv(x, weight, bias, A):
 # ------------------------------------------------------------------------------------------------ the probes
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 @pytest.mark.parametrize("dtype", selfcheck.DTYPES, ids=str)
 @pytest.mark.parametrize("op", selfcheck.OPS)
 def test_cpp_ops_pass_their_probes_quickly(op, dtype):
@@ -112,7 +111,7 @@ def test_a_wrong_gradient_fails():
 # ------------------------------------------------------------------------------------------- auto uses them
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_auto_probes_once_then_uses_the_cache(probed, tmp_path):
     x, mask = mask_pool_args()
     assert torch.equal(ops.mask_pool(x, mask), torch.ops.skelemix.mask_pool(x, mask))
@@ -128,7 +127,7 @@ def test_auto_probes_once_then_uses_the_cache(probed, tmp_path):
     assert probed[-1] == ("mask_pool", torch.float64) and len(cache_files(tmp_path)) == 2
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_a_new_build_or_a_damaged_cache_file_is_probed_again(probed, tmp_path, monkeypatch):
     x, mask = mask_pool_args()
     ops.mask_pool(x, mask)
@@ -143,7 +142,7 @@ def test_a_new_build_or_a_damaged_cache_file_is_probed_again(probed, tmp_path, m
     assert len(probed) == 3 and len(cache_files(tmp_path)) == 2
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_an_unwritable_cache_costs_only_a_repeated_probe(probed, tmp_path, monkeypatch):
     blocker = tmp_path / "a file"
     blocker.write_text("")
@@ -157,7 +156,7 @@ def test_an_unwritable_cache_costs_only_a_repeated_probe(probed, tmp_path, monke
     assert len(probed) == 2
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 @pytest.mark.parametrize("bad", ["wrong", "crashing"])
 def test_a_failing_implementation_warns_once_and_auto_falls_through(probed, tmp_path, monkeypatch, bad):
     wrong = wrong_graph_conv if bad == "wrong" else lambda *args: torch.ops.skelemix.graph_conv(args[0][:, :1], *args[1:])
@@ -179,7 +178,7 @@ def test_a_failing_implementation_warns_once_and_auto_falls_through(probed, tmp_
     assert cache_files(tmp_path) == [] and len(probed) == 1  # failures are not cached, and not probed twice
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_explicit_impls_run_unprobed(probed, monkeypatch):
     monkeypatch.setitem(implementations("graph_conv"), "cpp", wrong_graph_conv)
     x, weight, bias, A = torch.randn(2, 4, 8, 25), torch.randn(12, 4), torch.randn(12), torch.rand(3, 25, 25)
@@ -200,7 +199,7 @@ def draws():
     return torch.rand(3), np.random.rand(3), random.random()
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_a_probe_leaves_every_rng_as_it_found_it(probed, tmp_path):
     """The same draws after the first op call with a cold cache (a probe runs), a warm one (none runs) and no
     probing at all: the probe cannot desynchronise a training run."""
@@ -220,7 +219,7 @@ def test_a_probe_leaves_every_rng_as_it_found_it(probed, tmp_path):
         assert torch.equal(run[0], runs[0][0]) and np.array_equal(run[1], runs[0][1]) and run[2] == runs[0][2]
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_no_probe_inside_a_compile_trace(probed):
     """Dynamo traces select(): an undecided implementation is not probed there but left out (the reference is
     traced); once an eager call has probed it, a new trace uses the C++ op."""
@@ -245,7 +244,7 @@ def test_no_probe_inside_a_compile_trace(probed):
     torch._dynamo.reset()
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_prepare_decides_every_op_ahead(probed):
     chosen = selfcheck.prepare("cpu", (torch.float32, torch.bfloat16))
     assert chosen == {(op, dtype): "cpp" for op in selfcheck.OPS for dtype in (torch.float32, torch.bfloat16)}
@@ -278,7 +277,7 @@ def table_cells(text):
     return cells
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_info_check_passes_the_cpp_ops(capsys):
     assert info.main(["--check"]) == 0
     out = capsys.readouterr().out
@@ -291,7 +290,7 @@ def test_info_check_passes_the_cpp_ops(capsys):
     assert "FAILED" not in out
 
 
-@needs_cpp
+@pytest.mark.needs_impl("cpp")
 def test_info_check_reports_a_failure(capsys, monkeypatch):
     monkeypatch.setitem(implementations("graph_conv"), "cpp", wrong_graph_conv)
     assert info.main(["--check"]) == 1
@@ -303,7 +302,7 @@ def test_info_check_reports_a_failure(capsys, monkeypatch):
     assert re.search(r"graph_conv impl=cpp float32 on cpu: .*max error", out)
 
 
-@pytest.mark.needs_triton
+@pytest.mark.needs_impl("triton")
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("op", selfcheck.OPS)
 def test_triton_kernels_pass_their_probes_in_the_interpreter(op):

@@ -11,17 +11,10 @@ import torch
 from skelemix import _extension, reference
 from skelemix.ops import skelemix_gather
 from skelemix.testing import (DTYPES, assert_bitwise_equal, compile_backend, impl_cases, opcheck, poison_allocator,
-                              register_triton, sample_inputs_skelemix_gather)
+                              raw_ops, sample_inputs_skelemix_gather)
 
 gather_module = importlib.import_module("skelemix.ops.skelemix_gather")  # the attribute is the function
-RAW_OPS = {"cpp": "skelemix_gather", "cuda": "skelemix_gather", "triton": "skelemix_gather_triton"}
 WITH_EAGER = [pytest.param("eager", "cpu", id="eager")] + impl_cases()
-
-
-def raw_op(impl):
-    if impl == "triton":
-        register_triton()
-    return getattr(torch.ops.skelemix, RAW_OPS[impl])
 
 
 def on(device, args):
@@ -133,7 +126,7 @@ def test_runs_on_current_stream(impl, device):
 
 @pytest.mark.parametrize("impl, device", impl_cases())
 def test_opcheck(impl, device):
-    op = raw_op(impl)
+    op, = raw_ops(impl, "skelemix_gather")
     for name, args in sample_inputs_skelemix_gather(device, torch.float32):
         opcheck(op.default, args)
 
@@ -241,8 +234,9 @@ def test_wrapper_errors(changes, exc, match):
 def test_raw_op_errors(impl, device, changes, exc, match):
     # The CPU kernel or, for meta inputs, the fake kernel raises; the Triton op checks in its body. Both prefix
     # the op name.
-    with pytest.raises(RuntimeError, match=f"skelemix::{RAW_OPS[impl]}: " + match):
-        raw_op(impl)(*args_with(**changes))
+    op, = raw_ops(impl, "skelemix_gather")
+    with pytest.raises(RuntimeError, match=f"{op.default.name()}: " + match):
+        op(*args_with(**changes))
 
 
 @pytest.mark.parametrize("changes, match", BAD_VALUES)

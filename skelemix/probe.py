@@ -9,7 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
+from . import distributed
 from .augment import to_view
 
 
@@ -33,6 +35,47 @@ def extract_features(encoder: nn.Module, loader, device, view: str = "joint", la
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def sharded_features(encoder: nn.Module, dataset, loader_of, device, view: str, layout: str,
+                     projection: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` of the whole ``dataset`` through the loader ``loader_of(part)`` makes. Under
+    torch.distributed each rank encodes a contiguous shard and the shards are gathered in order, so every rank
+    gets the one-process result."""
+    if distributed.world_size() > 1:
+        dataset = Subset(dataset, list(distributed.shard(len(dataset))))
+    feats, labels = extract_features(encoder, loader_of(dataset), device, view, layout, projection=projection)
+    return distributed.gather_rows(feats), distributed.gather_rows(labels)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder: nn.Module, loader, device, view: str, layout: str) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over ``loader`` (no weight changes)."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    encoder.train()
+    for x, _ in loader:
+        encoder.feature_map(to_view(x.to(device), view, layout))
+    for m in norms:
+        m.momentum = 0.1
+    encoder.eval()
+
+
+def standardised_linear(encoders: dict[str, nn.Module], loader_of, train_set, val_set, device, view: str,
+                        layout: str, num_classes: int, epochs: int, seed: int) -> dict[str, dict]:
+    """:func:`train_linear` on the features of each encoder, standardised with the training statistics, so the
+    probe measures what the features separate rather than their scale (a random-init encoder's features are
+    tiny). Returns each encoder's :func:`train_linear` result (``lr`` 0.1, a x0.1 step at 80% of ``epochs``)."""
+    results = {}
+    for name, encoder in encoders.items():
+        (f_train, y_train), (f_val, y_val) = (extract_features(encoder, loader_of(ds), device, view, layout)
+                                              for ds in (train_set, val_set))
+        mean, std = f_train.mean(0), f_train.std(0) + 1e-12
+        results[name] = train_linear((f_train - mean) / std, y_train, (f_val - mean) / std, y_val, num_classes,
+                                     epochs=epochs, lr=0.1, milestones=(int(0.8 * epochs),), seed=seed)
+    return results
 
 
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from . import distributed
-from .augment import to_view
+from .augment import pretrain_augment, to_view
 
 
 @torch.no_grad()
@@ -76,6 +76,19 @@ def standardised_linear(encoders: dict[str, nn.Module], loader_of, train_set, va
         results[name] = train_linear((f_train - mean) / std, y_train, (f_val - mean) / std, y_val, num_classes,
                                      epochs=epochs, lr=0.1, milestones=(int(0.8 * epochs),), seed=seed)
     return results
+
+
+class AugmentedBatches:
+    """The batches of ``loader`` with the pretraining augmentation (shear + temporal shift), as the official kNN
+    monitor's feeders apply it to both the memory bank and the test data (docs/DESIGN.md 6.2)."""
+
+    def __init__(self, loader, shear: float, ratio: int, seed: int, coords: int = 3):
+        self.loader, self.shear, self.ratio, self.coords = loader, shear, ratio, coords
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield pretrain_augment(x, self.shear, self.ratio, generator=self.generator, coords=self.coords), y
 
 
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,

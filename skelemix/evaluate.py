@@ -118,8 +118,9 @@ class _Evaluation:
 
         def make(dataset):
             batches = loader(dataset, self.args.batch_size, self.device, self.workers)
-            return batches if augment_seed is None else AugmentedBatches(batches, d.shear, d.temporal_ratio, augment_seed,
-                                                                   coords)
+            if augment_seed is None:
+                return batches
+            return AugmentedBatches(batches, d.shear, d.temporal_ratio, augment_seed, coords)
         return make
 
     def features(self, encoder, projection: bool = False, augment: bool = False):

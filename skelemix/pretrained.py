@@ -15,7 +15,8 @@ from typing import Mapping
 import torch
 
 from . import cli
-from .checkpoint import CLASSIFIER_FORMAT, PRETRAIN_FORMAT, CheckpointError, load_checkpoint, load_official, require_parts
+from .checkpoint import (CLASSIFIER_FORMAT, PRETRAIN_FORMAT, CheckpointError, load_checkpoint, load_official,
+                         require_parts)
 from .config import Config, build_config, load_yaml, make_encoder
 from .models import init_weights
 

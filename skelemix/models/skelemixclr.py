@@ -119,8 +119,8 @@ class SkeleMixCLR(nn.Module):
         if self.queue_size % n:
             w = distributed.world_size()
             split = f" = {w} processes x {n // w}" if w > 1 else ""
-            raise ValueError(f"queue_size ({self.queue_size}) must be a multiple of the global batch size ({n}{split}): "
-                             "the queue is filled one global batch of keys at a time")
+            raise ValueError(f"queue_size ({self.queue_size}) must be a multiple of the global batch size "
+                             f"({n}{split}): the queue is filled one global batch of keys at a time")
         # The pointer stays on the device: no host synchronisation (CUDA graphs replay this step as it is).
         index = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
         self.queue.index_copy_(1, index, keys.T.to(self.queue.dtype))

@@ -6,6 +6,7 @@ was written, which is how a resumed run drops the records of the steps it redoes
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -50,6 +51,13 @@ def keep_records_until(path: str | Path, global_step: int) -> None:
     if not all(isinstance(r.get("global_step", 0), int) for r in records):
         raise ValueError(f"{path}: a record's global_step is not an integer; move the file away to resume")
     path.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("global_step", 0) <= global_step))
+
+
+def epoch_line(epoch: int, epochs: int, means: dict, lr: float, seconds: float) -> str:
+    """The line printed after each epoch: the mean loss and its parts, the lr and the epoch's seconds."""
+    part = {k: means.get(k, math.nan) for k in ("loss", "loss_ins", "loss_p", "loss_c")}
+    return (f"epoch {epoch}/{epochs}  loss {part['loss']:.4f}  (ins {part['loss_ins']:.3f}, p {part['loss_p']:.3f}, "
+            f"c {part['loss_c']:.3f})  lr {lr:g}  {seconds:.1f}s")
 
 
 class MetricsLog:

@@ -190,3 +190,24 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.nd
         take = max(1, int(round(fraction * len(members))))
         chosen.append(rng.choice(members, size=take, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def knn_monitor(encoder: nn.Module, train_set, val_set, loader_of, device, view: str, layout: str, ks,
+                t: float) -> dict[str, float]:
+    """The official monitor: weighted kNN top-1 (%) of the projected val features against the train split's,
+    as ``{"knn@k": accuracy}`` (every rank gets it; rank 0's BatchNorm statistics are used everywhere)."""
+    distributed.broadcast_buffers(encoder)
+    feats = [sharded_features(encoder, ds, loader_of, device, view, layout, projection=True) for ds in (train_set,
+                                                                                                         val_set)]
+    acc = knn_accuracy(*feats[0], *feats[1], ks=ks, num_classes=train_set.num_classes, t=t)
+    return {f"knn@{k}": v for k, v in acc.items()}
+
+
+def pretrained_vs_random_init(pretrained: nn.Module, random_init: nn.Module, loader_of, train_set, val_set, device,
+                              view: str, layout: str, epochs: int, seed: int) -> dict[str, dict]:
+    """:func:`standardised_linear` of a pretrained encoder and of the same architecture at random init, whose
+    BatchNorm statistics are recomputed on the training data first: at init they are 0/1 and, with the official
+    weight init, shrink the eval-mode features to ~1e-7 (a baseline the official protocol lacks)."""
+    calibrate_batchnorm(random_init, loader_of(train_set), device, view, layout)
+    return standardised_linear({"pretrained": pretrained, "random init": random_init}, loader_of, train_set, val_set,
+                               device, view, layout, train_set.num_classes, epochs, seed)

@@ -14,38 +14,33 @@ anew. Mistakes end in one ``error:`` line (``--debug`` shows the traceback).
 ``torchrun --nproc_per_node=G -m skelemix.train ...`` trains on G processes with DistributedDataParallel
 (``train.batch_size`` stays the global batch; see ``skelemix/distributed.py`` and the ``dist`` config section).
 
-The trainer only orchestrates: the optimiser and schedule are :mod:`skelemix.optim`, the captured step
-:mod:`skelemix.graphed`, checkpoints and resuming :mod:`skelemix.resume`, the kNN monitor and the final
-linear probe :mod:`skelemix.probe`, and the records :mod:`skelemix.metrics`.
+The trainer orchestrates; its parts are the modules batches (data), optim, graphed (the captured step),
+resume (checkpoints), probe (kNN monitor, final linear probe) and metrics (metrics.jsonl, TensorBoard).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from . import cli, distributed, ops
 from .augment import apply_augment, draw_augment, to_view
+from .batches import TrainingData
 from .checkpoint import PRETRAIN_FORMAT, reading_part, remove_temporaries, save_checkpoint
 from .config import (Config, ConfigError, describe_batch_and_lr, describe_variant, list_configs, make_encoder,
                      make_pretrain_model, resolve_device, with_data_input)
-from .data import load_splits
 from .data.prepared import coordinates, recipe
 from .graphed import GraphedStep, tree_map
-from .metrics import MetricsLog, append_record, keep_records_until
+from .metrics import MetricsLog, append_record, epoch_line, keep_records_until
 from .models import init_weights
 from .optim import lr_at, make_optimizer, set_capturable, set_lr
-from .probe import calibrate_batchnorm, knn_accuracy, sharded_features, standardised_linear
+from .probe import knn_monitor, pretrained_vs_random_init
 from .resume import POSITION, check_batch_change, epoch_progress, read_resume_checkpoint, restore_rng, run_config
 from .rng import rng_state, seed_all
 
@@ -96,17 +91,15 @@ class Trainer:
         # Augmentation and mixing draw from their own CPU generator, so they are the same on every device
         # and their state is saved with the checkpoints. Each rank has its own stream (rank 0: the seed).
         self.generator = torch.Generator().manual_seed(distributed.rank_seed(t.seed, self.rank))
-        self.train_set, self.val_set = load_splits(config.data)
+        self.data = TrainingData(config, self.local_batch, self.device)
+        self.train_set, self.val_set, self.sampler = self.data.train_set, self.data.val_set, self.data.sampler
         # The skeleton layout and input channels come from the data (model.layout / model.channels "auto").
         self.config = config = with_data_input(config, self.train_set.meta, config.data.root)
-        self.model = _pretrain_model(config, len(self.train_set), self.world, self.device)
+        self.model = _pretrain_model(config, self.world, self.device)
         self.net = distributed.wrap(self.model, self.device)  # DistributedDataParallel under torchrun
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, config)
         self.steps_per_epoch = len(self.train_set) // t.batch_size  # drop_last, as the official loader
-        self.sampler = distributed.ResumableDistributedSampler(self.train_set, t.batch_size, self.world, self.rank,
-                                                               seed=t.seed)
-        self.resident = _resident_copy(self.train_set, t.data_placement, self.device)
         # The captured step's device work must not synchronise with the host (sync_free; tests also set it
         # without a graph, to run that code path uncaptured).
         self.graphed = GraphedStep(self._forward, self.optimizer, self.device) if t.cuda_graph == "on" else None
@@ -159,24 +152,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- step
     def _train_batches(self):
-        """This rank's batches of the epoch set in ``self.sampler`` (from its start step), on the device."""
-        if self.resident is None:
-            for x, _ in self._loader(self.train_set, self.sampler, drop_last=True):
-                yield x.to(self.device, non_blocking=True)
-            return
-        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long, device=self.device)
-        for start in range(0, len(order) - self.local_batch + 1, self.local_batch):
-            yield self.resident[order[start:start + self.local_batch]]
-
-    def _loader(self, dataset, sampler=None, batch_size=None, drop_last=False):
-        # Its own generator: creating an iterator would otherwise draw from the global RNG (a worker base
-        # seed), so a resumed run would see different dropout draws than an uninterrupted one.
-        return DataLoader(dataset, batch_size=batch_size or self.local_batch, shuffle=False, drop_last=drop_last,
-                          sampler=sampler, num_workers=self.config.train.workers,
-                          # No pinning thread under train.cuda_graph=on: its CUDA calls (host allocations, event
-                          # queries) while the step is captured would invalidate the capture.
-                          pin_memory=self.device.type == "cuda" and self.graphed is None,
-                          generator=torch.Generator().manual_seed(0))
+        return self.data.batches()
 
     def _draws(self, shape) -> dict:
         """Every random draw of one step, made on the host from ``self.generator`` in the order the step uses
@@ -230,7 +206,7 @@ class Trainer:
             remove_temporaries(self.out / "checkpoints")  # of saves killed mid-write
         self.metrics.open(new_run=self.global_step == 0)
         try:
-            with _ctrl_c_flag() as interrupted:
+            with cli.ctrl_c_flag() as interrupted:
                 while self.epoch < self.config.train.epochs:
                     if not self._epoch(interrupted, max_steps):
                         self.save()
@@ -253,7 +229,7 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.sampler.set_epoch(epoch, self.step_in_epoch)  # resumes mid-epoch at the same batch
         start = time.perf_counter() - self.epoch_seconds  # the epoch's time includes that before a resume
-        with _progress(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch}/{t.epochs}", self.progress) as bar:
+        with cli.StepProgress(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch}/{t.epochs}", self.progress) as bar:
             for x in self._train_batches():
                 if distributed.any_rank(interrupted.is_set(), self.device):
                     raise KeyboardInterrupt
@@ -272,7 +248,7 @@ class Trainer:
                   "seconds": self.epoch_seconds}
         self.epoch, self.step_in_epoch, self.epoch_sums, self.epoch_seconds = epoch, 0, {}, 0.0
         self.metrics.write(record)
-        line = _epoch_line(epoch, t.epochs, means, lr, record["seconds"])
+        line = epoch_line(epoch, t.epochs, means, lr, record["seconds"])
         if t.knn_interval and (epoch % t.knn_interval == 0 or epoch == t.epochs):
             knn = self.knn_monitor()
             self.metrics.write({"kind": "knn", "epoch": epoch, "global_step": self.global_step, **knn})
@@ -285,23 +261,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- probes
     def knn_monitor(self) -> dict:
-        """The official monitor: weighted kNN accuracy of the projected features, train split as the bank."""
         c, t = self.config, self.config.train
-        encoder = self.model.encoder_q
-        distributed.broadcast_buffers(encoder)  # rank 0's BN statistics (those in the checkpoint) everywhere
-        feats = [sharded_features(encoder, ds, lambda part: self._loader(part, batch_size=max(t.batch_size, 128)),
-                                  self.device, c.data.view, c.model.layout, projection=True)
-                 for ds in (self.train_set, self.val_set)]
-        acc = knn_accuracy(*feats[0], *feats[1], ks=t.knn_k, num_classes=self.train_set.num_classes, t=t.knn_t)
-        return {f"knn@{k}": v for k, v in acc.items()}
+        return knn_monitor(self.model.encoder_q, self.train_set, self.val_set,
+                           lambda ds: self.data.loader(ds, batch_size=max(t.batch_size, 128)), self.device,
+                           c.data.view, c.model.layout, t.knn_k, t.knn_t)
 
     def linear_eval(self) -> dict:
-        """Linear accuracy (%) of the pretrained encoder_q and of the same architecture at random init.
-
-        A fair random-init baseline needs two things the official protocol lacks: its BatchNorm statistics are
-        recomputed on the training data (at init they are 0/1 and, with the official weight init, shrink the
-        eval-mode features to ~1e-7), and all features are standardised (:func:`probe.standardised_linear`).
-        """
+        """Linear accuracy (%) of the pretrained encoder_q and of the same architecture at random init (see
+        :func:`probe.pretrained_vs_random_init`)."""
         c = self.config
         pretrained = make_encoder(c.model).to(self.device)
         pretrained.load_state_dict({k[len("encoder_q."):]: v for k, v in self.model.state_dict().items()
@@ -309,11 +276,9 @@ class Trainer:
         torch.manual_seed(c.train.seed)
         random_init = make_encoder(c.model).to(self.device)
         random_init.apply(init_weights)
-        loader_of = lambda ds: self._loader(ds, batch_size=128)  # noqa: E731
-        calibrate_batchnorm(random_init, loader_of(self.train_set), self.device, c.data.view, c.model.layout)
-        return standardised_linear({"pretrained": pretrained, "random init": random_init}, loader_of, self.train_set,
-                                   self.val_set, self.device, c.data.view, c.model.layout,
-                                   self.train_set.num_classes, c.train.linear_epochs, c.train.seed)
+        return pretrained_vs_random_init(pretrained, random_init, lambda ds: self.data.loader(ds, batch_size=128),
+                                         self.train_set, self.val_set, self.device, c.data.view, c.model.layout,
+                                         c.train.linear_epochs, c.train.seed)
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -339,12 +304,10 @@ def _device_and_local_batch(config: Config, world: int) -> tuple[torch.device, i
     return device, t.batch_size // world
 
 
-def _pretrain_model(config: Config, train_samples: int, world: int, device: torch.device):
+def _pretrain_model(config: Config, world: int, device: torch.device):
     """The SkeleMixCLR model on ``device``, the same initial weights on every rank; then each rank's own random
     streams, and the BatchNorm mode of ``dist.bn``."""
     t = config.train
-    if train_samples < t.batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) exceeds the {train_samples} training samples")
     model = make_pretrain_model(config)  # the same seed on every rank: the same initial weights
     if model.mixers and t.batch_size // world < 2:
         raise ConfigError(f"SkeleMix draws partners within each process's batch, which needs at least 2 samples; "
@@ -355,71 +318,6 @@ def _pretrain_model(config: Config, train_samples: int, world: int, device: torc
             model = distributed.convert_sync_batchnorm(model, device)
         model.shuffle_key_bn = config.dist.bn == "shuffle"
     return model.to(device)
-
-
-def _resident_copy(dataset, placement: str, device: torch.device) -> torch.Tensor | None:
-    """The training arrays as one tensor on the device (``train.data_placement``), or None for a DataLoader."""
-    if placement == "host" or not hasattr(dataset, "data"):
-        return None
-    nbytes = len(dataset) * int(np.prod(dataset.data.shape[1:])) * 4
-    if placement == "auto":
-        if device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(device)
-        if nbytes > free // 2:
-            distributed.print0(f"note: the training set ({nbytes / 2**30:.1f} GiB) stays on the host: it "
-                               f"needs more than half of the device's free memory ({free / 2**30:.1f} GiB)")
-            return None
-    return torch.from_numpy(np.asarray(dataset.data[dataset.indices], dtype=np.float32)).to(device)
-
-
-# --------------------------------------------------------------------------------------------- the loop's parts
-@contextlib.contextmanager
-def _ctrl_c_flag():
-    """An event that Ctrl-C sets (the loop finishes its step, saves and stops); a second Ctrl-C aborts at once."""
-    interrupted = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield interrupted
-        return
-
-    def on_sigint(signum, frame):
-        interrupted.set()
-        signal.signal(signal.SIGINT, previous)
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield interrupted
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-class _progress:
-    """The epoch's progress bar (tqdm) with the loss and the samples per second of this session, or nothing."""
-
-    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, dynamic_ncols=True,
-                        disable=not enabled)
-        self.start, self.steps = time.perf_counter(), 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.bar.close()
-
-    def step(self, loss: float, batch_size: int):
-        self.steps += 1
-        rate = self.steps * batch_size / (time.perf_counter() - self.start)
-        self.bar.set_postfix(loss=f"{loss:.3f}", samples_per_s=f"{rate:.0f}")
-        self.bar.update(1)
-
-
-def _epoch_line(epoch: int, epochs: int, means: dict, lr: float, seconds: float) -> str:
-    part = {k: means.get(k, math.nan) for k in ("loss", "loss_ins", "loss_p", "loss_c")}
-    return (f"epoch {epoch}/{epochs}  loss {part['loss']:.4f}  (ins {part['loss_ins']:.3f}, p {part['loss_p']:.3f}, "
-            f"c {part['loss_c']:.3f})  lr {lr:g}  {seconds:.1f}s")
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -465,7 +363,7 @@ def _start_line(trainer: Trainer) -> str:
     return (f"pretraining {describe_variant(c)} on {c.data.root} ({len(trainer.train_set)} train / "
             f"{len(trainer.val_set)} val, view {c.data.view}), {n_params:,} trainable parameters, device "
             f"{trainer.device}, impl {c.model.impl}, data "
-            f"{'resident on the device' if trainer.resident is not None else 'through a DataLoader'}, "
+            f"{'resident on the device' if trainer.data.resident is not None else 'through a DataLoader'}, "
             f"amp {c.train.amp}, cuda_graph {c.train.cuda_graph}, output {trainer.out}\n"
             f"{describe_batch_and_lr(c, trainer.world)}")
 

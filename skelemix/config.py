@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from .augment import VIEWS
 from .cli import describe, short
 from .config_files import (CONFIG_DIR, MAX_YAML_NODES, ConfigError, check_type, hints,  # noqa: F401 (re-exported)
@@ -25,8 +27,8 @@ from .data.prepared import CHANNELS, channels_of
 from .distributed import BACKENDS, BN_MODES
 from .graph import STRATEGIES, LayoutError, get_layout, layout_value
 from .mix import MODES, PARTNERS, SPATIAL_MODES
-from .models.skelemixclr import VARIANTS, SwapRow
-from .models.stgcn import TEMPORAL_STRIDE
+from .models.skelemixclr import VARIANTS, SwapRow, build_pretrain_model
+from .models.stgcn import STGCN, TEMPORAL_STRIDE
 from .ops import IMPLS
 
 MAX_SEED = 2**32 - 1  # numpy's limit
@@ -325,8 +327,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 def resolve_device(name: str):
     """``auto`` -> cuda when available, else cpu; an explicit CUDA device must exist."""
-    import torch
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -381,14 +381,10 @@ def encoder_kwargs(model: ModelConfig) -> dict:
 def make_encoder(model: ModelConfig, num_class: int | None = None, head: str = "linear", impl: str = "auto"):
     """The ST-GCN encoder a config describes, for evaluation: ``num_class`` classes behind ``fc``, the ops of
     ``impl`` and the plain block epilogue."""
-    from .models import STGCN
-
     return STGCN(**dict(encoder_kwargs(model), impl=impl, fused_epilogue=False), num_class=num_class, head=head)
 
 
 def make_pretrain_model(config: Config):
     """The :class:`~skelemix.models.SkeleMixCLR` a config describes."""
-    from .models import build_pretrain_model
-
     m = config.model
     return build_pretrain_model(m.variant, encoder=encoder_kwargs(m), mix=_part(m, "mix"), **_part(m, "objective"))

@@ -162,12 +162,15 @@ def check_type(key: str, value: Any, hint) -> Any:
         return _check_choice(key, value, get_args(hint))
     allowed = tuple(get_origin(t) or t for t in (get_args(hint) if get_origin(hint) in (Union, types.UnionType)
                                                 else (hint,)))
-    if allowed == (float,):
-        allowed = (int, float)
-    if allowed == (int,) and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+    to_float = float in allowed and int not in allowed
+    if to_float:
+        allowed += (int,)
+    elif int in allowed and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
         value = int(value)
     if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
         raise ConfigError(f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {short(value)}")
-    if hint is float and not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value}")
-    return float(value) if hint is float else value
+    if to_float and not isinstance(value, bool) and isinstance(value, (int, float)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
+    return value

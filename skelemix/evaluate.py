@@ -38,6 +38,7 @@ from . import cli, distributed, ops
 from .augment import VIEWS
 from .checkpoint import CLASSIFIER_FORMAT, save_checkpoint
 from .config import Config, resolve_device, with_data_input
+from .data import load_splits, read_meta
 from .data.prepared import coordinates, recipe
 from .finetune import PROTOCOLS, FinetuneOptions, Schedule, finetune, loader, semi_protocol
 from .models import VARIANTS
@@ -59,8 +60,6 @@ _KINDS = {"skelemix": "skelemix checkpoint", "classifier": "skelemix classifier"
 def with_data(config: Config, data: str | None = None, view: str | None = None) -> Config:
     """``config`` with its data section pointed at ``data`` (a prepared folder or ``synthetic``) and ``view``;
     for a prepared folder the frame count comes from its ``meta.json``."""
-    from .data import read_meta
-
     d = config.data
     root = data or d.root
     frames, meta = d.frames, None
@@ -157,8 +156,6 @@ def _prepare(args) -> _Evaluation:
         workers = 0 if config.data.root == "synthetic" else min(config.train.workers, os.cpu_count() or 1)
     impl = ops.check_impl(args.impl or config.model.impl)
     seed_all(seed)
-    from .data import load_splits
-
     train_set, val_set = load_splits(config.data)
     classes = class_names(train_set, val_set)
     out = Path(args.out) if args.out else (Path(pre.path).parent.parent / f"eval_{args.mode}" if pre.path else

@@ -20,7 +20,7 @@ from .checkpoint import (CLASSIFIER_FORMAT, PRETRAIN_FORMAT, CheckpointError, lo
 from .config import Config, build_config, load_yaml, make_encoder
 from .models import init_weights
 
-# Official encoder_q sub-modules that the official evaluation ignores besides fc (REFERENCE.md 6.1).
+# Official encoder_q sub-modules that the official evaluation ignores besides fc (docs/DESIGN.md 6.1).
 _OFFICIAL_EXTRAS = ("Ap", "global_head.", "local_head.", "global_mlps.", "tem_local_mlps.", "spa_local_mlps.")
 
 

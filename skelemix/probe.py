@@ -1,4 +1,4 @@
-"""Evaluation math shared by the trainer's monitors and ``python -m skelemix.evaluate`` (REFERENCE.md 6).
+"""Evaluation math shared by the trainer's monitors and ``python -m skelemix.evaluate`` (docs/DESIGN.md 6).
 
 Feature extraction, the weighted kNN classifier, a linear classifier trained on frozen features, and the
 class-balanced labelled subsets of the semi-supervised protocol.

@@ -229,7 +229,8 @@ class Trainer:
         set_lr(self.optimizer, lr)
         self.sampler.set_epoch(epoch, self.step_in_epoch)  # resumes mid-epoch at the same batch
         start = time.perf_counter() - self.epoch_seconds  # the epoch's time includes that before a resume
-        with cli.StepProgress(self.steps_per_epoch, self.step_in_epoch, f"epoch {epoch}/{t.epochs}", self.progress) as bar:
+        desc = f"epoch {epoch}/{t.epochs}"
+        with cli.StepProgress(self.steps_per_epoch, self.step_in_epoch, desc, self.progress) as bar:
             for x in self._train_batches():
                 if distributed.any_rank(interrupted.is_set(), self.device):
                     raise KeyboardInterrupt

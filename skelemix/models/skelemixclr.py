@@ -1,4 +1,5 @@
-"""The SkeleMixCLR objective: MoCo queue, momentum encoder, instance / trimmed / truncated logits (REFERENCE.md 4).
+"""The SkeleMixCLR objective: MoCo queue, momentum encoder, instance / trimmed / truncated logits
+(docs/DESIGN.md 4).
 
 One class covers the released variants; they differ only in their mixing rows (``swap_params``):
 

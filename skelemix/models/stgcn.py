@@ -1,4 +1,4 @@
-"""The ST-GCN encoder of SkeleMixCLR (REFERENCE.md 2.2-2.5).
+"""The ST-GCN encoder of SkeleMixCLR (docs/DESIGN.md 2.2-2.5).
 
 Module names follow the official ``net/st_gcn_swap.py`` where that costs nothing (``data_bn``, ``gcn.conv``,
 ``tcn.0/2/3``, ``residual.0/1``, ``fc``, buffer ``A``); the ten blocks live in ``blocks`` and each block

@@ -9,10 +9,14 @@ refused or damaged pickles, the trainer's stop on a non-finite loss (``FloatingP
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import reprlib
+import signal
 import sys
+import threading
+import time
 from typing import Callable
 
 DEBUG_ENV = "SKELEMIX_DEBUG"
@@ -84,3 +88,47 @@ def run(body: Callable[[], int], debug: bool = False, exit_code: int = 2) -> int
         return body()
     except BaseException as err:  # noqa: BLE001 - handle() re-raises everything but user errors
         return handle(err, debug, exit_code)
+
+
+@contextlib.contextmanager
+def ctrl_c_flag():
+    """An event that Ctrl-C sets, for a loop that finishes its step and stops cleanly; a second Ctrl-C aborts at
+    once (the handler before it is back). Outside the main thread no handler can be set: the event stays clear."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupted
+        return
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, previous)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class StepProgress:
+    """A progress bar (tqdm) of training steps with the loss and the samples per second since it started; nothing
+    is shown unless ``enabled``."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, dynamic_ncols=True,
+                        disable=not enabled)
+        self.start, self.steps = time.perf_counter(), 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+    def step(self, loss: float, batch_size: int):
+        self.steps += 1
+        rate = self.steps * batch_size / (time.perf_counter() - self.start)
+        self.bar.set_postfix(loss=f"{loss:.3f}", samples_per_s=f"{rate:.0f}")
+        self.bar.update(1)

@@ -89,7 +89,7 @@ def load_encoder(path: str | os.PathLike, device: str | torch.device = "cpu", im
     (see :mod:`skelemix.ops`).
     """
     from .config import model_input
-    from .evaluate import build_encoder, load_pretrained
+    from .pretrained import build_encoder, load_pretrained
 
     pre = load_pretrained(path, config, overrides)
     with torch.random.fork_rng(devices=[]):  # build_encoder seeds the initialisation: leave the caller's RNG alone

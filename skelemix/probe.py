@@ -1,4 +1,4 @@
-"""Evaluation math shared by the trainer's monitors and ``python -m skelemix.evaluate`` (REFERENCE.md 6).
+"""Evaluation math shared by the trainer's monitors and ``python -m skelemix.evaluate`` (docs/DESIGN.md 6).
 
 Feature extraction, the weighted kNN classifier, a linear classifier trained on frozen features, and the
 class-balanced labelled subsets of the semi-supervised protocol.
@@ -9,8 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Subset
 
-from .augment import to_view
+from . import distributed
+from .augment import pretrain_augment, to_view
 
 
 @torch.no_grad()
@@ -33,6 +35,60 @@ def extract_features(encoder: nn.Module, loader, device, view: str = "joint", la
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def sharded_features(encoder: nn.Module, dataset, loader_of, device, view: str, layout: str,
+                     projection: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` of the whole ``dataset`` through the loader ``loader_of(part)`` makes. Under
+    torch.distributed each rank encodes a contiguous shard and the shards are gathered in order, so every rank
+    gets the one-process result."""
+    if distributed.world_size() > 1:
+        dataset = Subset(dataset, list(distributed.shard(len(dataset))))
+    feats, labels = extract_features(encoder, loader_of(dataset), device, view, layout, projection=projection)
+    return distributed.gather_rows(feats), distributed.gather_rows(labels)
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder: nn.Module, loader, device, view: str, layout: str) -> None:
+    """Recompute every BatchNorm's running statistics as the plain average over ``loader`` (no weight changes)."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    encoder.train()
+    for x, _ in loader:
+        encoder.feature_map(to_view(x.to(device), view, layout))
+    for m in norms:
+        m.momentum = 0.1
+    encoder.eval()
+
+
+def standardised_linear(encoders: dict[str, nn.Module], loader_of, train_set, val_set, device, view: str,
+                        layout: str, num_classes: int, epochs: int, seed: int) -> dict[str, dict]:
+    """:func:`train_linear` on the features of each encoder, standardised with the training statistics, so the
+    probe measures what the features separate rather than their scale (a random-init encoder's features are
+    tiny). Returns each encoder's :func:`train_linear` result (``lr`` 0.1, a x0.1 step at 80% of ``epochs``)."""
+    results = {}
+    for name, encoder in encoders.items():
+        (f_train, y_train), (f_val, y_val) = (extract_features(encoder, loader_of(ds), device, view, layout)
+                                              for ds in (train_set, val_set))
+        mean, std = f_train.mean(0), f_train.std(0) + 1e-12
+        results[name] = train_linear((f_train - mean) / std, y_train, (f_val - mean) / std, y_val, num_classes,
+                                     epochs=epochs, lr=0.1, milestones=(int(0.8 * epochs),), seed=seed)
+    return results
+
+
+class AugmentedBatches:
+    """The batches of ``loader`` with the pretraining augmentation (shear + temporal shift), as the official kNN
+    monitor's feeders apply it to both the memory bank and the test data (docs/DESIGN.md 6.2)."""
+
+    def __init__(self, loader, shear: float, ratio: int, seed: int, coords: int = 3):
+        self.loader, self.shear, self.ratio, self.coords = loader, shear, ratio, coords
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield pretrain_augment(x, self.shear, self.ratio, generator=self.generator, coords=self.coords), y
 
 
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, k: int,
@@ -134,3 +190,24 @@ def balanced_subset(labels: np.ndarray, fraction: float, seed: int = 0) -> np.nd
         take = max(1, int(round(fraction * len(members))))
         chosen.append(rng.choice(members, size=take, replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def knn_monitor(encoder: nn.Module, train_set, val_set, loader_of, device, view: str, layout: str, ks,
+                t: float) -> dict[str, float]:
+    """The official monitor: weighted kNN top-1 (%) of the projected val features against the train split's,
+    as ``{"knn@k": accuracy}`` (every rank gets it; rank 0's BatchNorm statistics are used everywhere)."""
+    distributed.broadcast_buffers(encoder)
+    feats = [sharded_features(encoder, ds, loader_of, device, view, layout, projection=True) for ds in (train_set,
+                                                                                                         val_set)]
+    acc = knn_accuracy(*feats[0], *feats[1], ks=ks, num_classes=train_set.num_classes, t=t)
+    return {f"knn@{k}": v for k, v in acc.items()}
+
+
+def pretrained_vs_random_init(pretrained: nn.Module, random_init: nn.Module, loader_of, train_set, val_set, device,
+                              view: str, layout: str, epochs: int, seed: int) -> dict[str, dict]:
+    """:func:`standardised_linear` of a pretrained encoder and of the same architecture at random init, whose
+    BatchNorm statistics are recomputed on the training data first: at init they are 0/1 and, with the official
+    weight init, shrink the eval-mode features to ~1e-7 (a baseline the official protocol lacks)."""
+    calibrate_batchnorm(random_init, loader_of(train_set), device, view, layout)
+    return standardised_linear({"pretrained": pretrained, "random init": random_init}, loader_of, train_set, val_set,
+                               device, view, layout, train_set.num_classes, epochs, seed)

@@ -8,9 +8,7 @@ global pyplot state or needs a display, so the helpers are safe to call from the
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +17,7 @@ import torch
 
 from . import cli
 from .graph import NTU, Layout, get_layout
+from .metrics import read_metrics  # noqa: F401 (re-exported: skelemix.viz.read_metrics)
 
 # Colours of the SkeleMix regions, shared by the grid and the animation.
 PASTED = "#d62728"  # joints of the pasted fragment (from the partner: the "trimmed" view)
@@ -47,31 +46,6 @@ def _save(fig, path: Path, dpi: int = 100) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- curves
-def read_metrics(metrics_path: str | Path) -> list[dict]:
-    """The records of a trainer's ``metrics.jsonl``. A torn last line (a run killed while writing it) is dropped
-    with a note; any other line that is not a JSON object is an error naming the file and the line."""
-    path = Path(metrics_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    lines = path.read_text(errors="replace").splitlines()
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if i == len(lines) - 1:
-                print(f"note: {path}:{i + 1}: dropped a torn last record (the run stopped while writing it)",
-                      file=sys.stderr)
-                continue
-            raise ValueError(f"{path}:{i + 1}: not a JSON record: {err}") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
-
-
 def _series(records: list[dict], key: str) -> tuple[list, list]:
     """(epochs, values) of ``key``, dropping missing and non-finite values (e.g. loss_p of a no-mix run)."""
     xs, ys = [], []

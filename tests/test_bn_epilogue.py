@@ -672,7 +672,7 @@ def test_config_switch(setting, impl, expected):
     """train.epilogue reaches the encoders (the default, modules, is tested by the line below)."""
     from skelemix.config import Config
 
-    assert Config().train.epilogue == "modules"
+    assert Config().model.epilogue == "modules"
     from skelemix.config import build_config, make_pretrain_model
 
     config = build_config({}, [f"train.epilogue={setting}", f"train.impl={impl}", "model.queue_size=64",

@@ -3,6 +3,7 @@ import math
 import time
 
 import pytest
+import torch
 
 from skelemix.cli import short
 from skelemix.config import MAX_YAML_NODES, ConfigError, build_config, describe_variant, load_config, load_yaml
@@ -188,3 +189,83 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert train_main(["--set", "train.knn_t=-1", "--no-progress"]) == 2
     assert capsys.readouterr().err == "error: train.knn_t: must be > 0; got -1.0\n"
     assert math.isclose(build_config({}, ["optim.lr=1e-3"]).optim.lr, 1e-3)
+
+
+# ------------------------------------------------------------------------------------------ fields
+def test_moved_keys_are_read_at_their_new_place(tmp_path):
+    """train.impl and train.epilogue shape the model: they live in model now, and the old keys still work (in
+    files, --set and the configs of older checkpoints), with one note each for the command line to show."""
+    notes = []
+    c = build_config({}, ["train.impl=eager", "train.epilogue=fused"], notes=notes)
+    assert (c.model.impl, c.model.epilogue) == ("eager", "fused") and not hasattr(c.train, "impl")
+    assert notes == ["train.impl is now model.impl (the old key still works)",
+                     "train.epilogue is now model.epilogue (the old key still works)"]
+    path = tmp_path / "old.yaml"
+    path.write_text("train:\n  impl: eager\n  epochs: 3\n")
+    notes = []
+    assert load_config(path, notes=notes).model.impl == "eager" and len(notes) == 1
+    assert build_config({"train": {"impl": "cpp"}}, ["model.impl=eager"]).model.impl == "eager"  # the later wins
+    assert "impl" in build_config({}).to_dict()["model"] and "impl" not in build_config({}).to_dict()["train"]
+    with pytest.raises(ConfigError, match=r"^train.epilogue: expected one of modules, fused; got 'bogus'$"):
+        build_config({}, ["train.epilogue=bogus"])  # the key as written
+    with pytest.raises(ConfigError, match=r"^model.impl: expected one of auto, eager, cpp, cuda, triton; got 'x'$"):
+        build_config({}, ["model.impl=x"])
+
+
+def test_types_come_from_the_annotations():
+    from typing import Literal
+
+    from skelemix.config_files import check_type
+
+    assert check_type("k", None, int | None) is None and type(check_type("k", 3.0, int | None)) is int
+    assert check_type("k", 1, float | None) == 1.0 and type(check_type("k", 1, float | None)) is float
+    with pytest.raises(ConfigError, match=r"^k: expected int \| None, got str 'a'$"):
+        check_type("k", "a", int | None)
+    assert check_type("k", [1], list[int]) == [1]
+    with pytest.raises(ConfigError, match=r"^k: expected list, got int 1$"):
+        check_type("k", 1, list[int])
+    assert check_type("k", 2, float) == 2.0 and isinstance(check_type("k", 2, float), float)
+    with pytest.raises(ConfigError, match=r"^k: expected one of a, None; got True$"):
+        check_type("k", True, Literal["a", None])
+    assert check_type("k", False, Literal["auto", "on", "off"]) == "off"  # YAML's bare off
+    with pytest.raises(ConfigError, match=r"^model.head: expected one of None, mlp, mlp_nobn, linear; got 'deep'$"):
+        build_config({}, ["model.head=deep"])
+    with pytest.raises(ConfigError, match=r"^model.layout: expected str \| dict, got int 3$"):
+        build_config({}, ["model.layout=3"])
+
+
+def test_mixing_regions_follow_the_encoders_temporal_stride(monkeypatch):
+    from skelemix import config
+    from skelemix.models.stgcn import STGCN, TEMPORAL_STRIDE
+
+    assert TEMPORAL_STRIDE == STGCN().temporal_stride == 4
+    tiny = ["data.frames=18", "model.queue_size=16", "train.batch_size=8", "model.swap_params=[[2, 3, 1, 2, 1, 1.0]]"]
+    with pytest.raises(ConfigError, match=r"data.frames \(18\) must be a multiple of the encoder's temporal stride "
+                                          r"\(4\)"):
+        build_config({}, tiny)
+    monkeypatch.setattr(config, "TEMPORAL_STRIDE", 2)  # what validate reads: an encoder with another plan
+    assert build_config({}, tiny).data.frames == 18
+    with pytest.raises(ConfigError, match=r"tem_u=10 blocks of 2 frames exceed data.frames=18"):
+        build_config({}, tiny + ["model.swap_params=[[2, 3, 1, 10, 1, 1.0]]"])
+
+
+def test_every_model_field_reaches_its_part():
+    """make_pretrain_model passes each model field marked for the encoder, the objective or the mixer."""
+    from skelemix.config import make_pretrain_model
+
+    c = build_config({}, ["model.hidden_channels=4", "model.hidden_dim=8", "model.dropout=0.25",
+                          "model.edge_importance=false", "model.impl=eager", "model.epilogue=fused",
+                          "model.feature_dim=6", "model.queue_size=32", "model.momentum=0.5", "model.temperature=0.3",
+                          "model.swap_params=[[1, 2, 1, 3, 2, 0.5]]", "model.head=linear", "model.alpha=2",
+                          "model.repeat_reduction=sum", "model.mix_mode=zeros", "model.spatial_mode=random",
+                          "model.per_sample=true", "model.partner=derangement", "train.batch_size=16"])
+    model = make_pretrain_model(c)
+    enc = model.encoder_q
+    assert (enc.blocks[0].gcn.conv.out_channels, enc.hidden_dim, enc.blocks[1].tcn[4].p) == (4 * 3, 8, 0.25)
+    assert enc.blocks[0].edge_importance is None and enc.impl == "eager" and enc.fused_epilogue
+    assert isinstance(enc.fc, torch.nn.Linear) and enc.fc.out_features == 6
+    assert (model.queue_size, model.momentum, model.temperature, model.alpha) == (32, 0.5, 0.3, 2.0)
+    assert model.repeat_reduction == "sum" and model.swap_params == [(1, 2, 1, 3, 2, 0.5)]
+    mixer = model.mixers[0]
+    assert (mixer.mode, mixer.spatial_mode, mixer.per_sample, mixer.partner) == ("zeros", "random", True,
+                                                                                "derangement")

@@ -10,6 +10,7 @@ from skelemix import evaluate
 from skelemix.checkpoint import PRETRAIN_FORMAT, export_official, load_checkpoint, save_checkpoint
 from skelemix.config import build_config, make_pretrain_model
 from skelemix.data import load_splits
+from skelemix.finetune import FinetuneOptions, Schedule
 from skelemix.probe import balanced_subset, knn_predict, knn_scores, topk_accuracy, train_linear
 from skelemix.testing import perturb_state
 
@@ -145,9 +146,9 @@ def test_gradient_clipping_sees_the_gradients(monkeypatch):
     config = build_config(TINY)
     train, val = load_splits(config.data)
     encoder = evaluate.build_encoder(evaluate.Pretrained("none", None, config, None), NUM_CLASSES)
-    evaluate.finetune(encoder, train, val, device=torch.device("cpu"), view="joint", layout="ntu-rgb+d", epochs=1,
-                      lr=0.1, milestones=[], weight_decay=0, nesterov=False, warmup=0, batch_size=12,
-                      clip_grad_norm=1e-3, log=lambda m: None)
+    schedule = Schedule(lr=0.1, epochs=1, milestones=(), batch_size=12)
+    evaluate.finetune(encoder, train, val, schedule, FinetuneOptions(clip_grad_norm=1e-3), device=torch.device("cpu"),
+                      view="joint", layout="ntu-rgb+d", log=lambda m: None)
     assert seen and all(seen)
 
 
@@ -337,7 +338,7 @@ def test_topk_accuracy_and_schedule():
     scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
     assert topk_accuracy(scores, torch.tensor([1, 1, 0]), ks=(1, 2, 5)) == {1: pytest.approx(100 / 3),
                                                                           2: pytest.approx(200 / 3), 5: 100.0}
-    lr = [evaluate._lr_at(e, 0.1, [50, 70, 90], 10) for e in (1, 9, 10, 50, 51, 71, 91)]
+    lr = [Schedule(lr=0.1, epochs=110, milestones=(50, 70, 90), warmup=10).lr_at(e) for e in (1, 9, 10, 50, 51, 71, 91)]
     assert lr == pytest.approx([0.01, 0.09, 0.1, 0.1, 0.01, 0.001, 0.0001])
     history = [{"epoch": 5, "top1": 50, "top5": 80}, {"epoch": 10, "top1": 60, "top5": 85},
                {"epoch": 15, "top1": 60, "top5": 90}, {"epoch": 20, "top1": 55, "top5": 95}]

@@ -192,3 +192,38 @@ def test_bad_settings_are_named():
         SkeleMixCLR(**small_model(swap_params=((2, 3, 7, 11),)))
     with pytest.raises(ValueError, match="spa_range"):
         SkeleMixCLR(**small_model(swap_params=((2, 7, 7, 11, 1, 1.0),)))
+
+
+def test_impl_and_the_fused_epilogue_are_module_attributes():
+    """The blocks hold the implementation and the epilogue switch; setting them on the encoder reaches every
+    block, and forward takes only the data."""
+    from skelemix.models.stgcn import GraphConv, STGCNBlock
+
+    enc = STGCN(hidden_channels=4, hidden_dim=8, impl="eager")
+    ops_modules = [m for m in enc.modules() if isinstance(m, (GraphConv, STGCNBlock))]
+    assert len(ops_modules) == 20 and all(m.impl == "eager" for m in ops_modules)
+    x = torch.randn(2, 3, 16, 25, 1)
+    eager = enc.eval()(x)
+    enc.impl, enc.fused_epilogue = "cpp", True
+    assert all(m.impl == "cpp" for m in ops_modules) and all(b.fused for b in enc.blocks)
+    torch.testing.assert_close(enc(x), eager, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        enc.impl = "fast"
+    import copy
+
+    twin = copy.deepcopy(enc)
+    assert twin.impl == "cpp" and twin.blocks[3].gcn.impl == "cpp" and twin.blocks[3].fused
+
+
+def test_objective_settings_have_their_names():
+    from skelemix.models.skelemixclr import SwapRow
+
+    model = SkeleMixCLR(**small_model(momentum=0.9, temperature=0.5, swap_params=[[2, 3, 1, 2, 3, 0.5]]))
+    assert (model.queue_size, model.momentum, model.temperature) == (64, 0.9, 0.5)
+    row = model.swap_params[0]
+    assert isinstance(row, SwapRow) and row == (2, 3, 1, 2, 3, 0.5)
+    assert (row.min_parts, row.max_parts, row.min_blocks, row.max_blocks, row.repeats, row.weight) == (2, 3, 1, 2, 3,
+                                                                                                        0.5)
+    assert model.mixers[0].spa_range == (2, 3) and model.mixers[0].tem_range == (1, 2)
+    with pytest.raises(ValueError, match="swap_params repeat must be >= 1; got 0"):
+        SkeleMixCLR(**small_model(swap_params=[[2, 3, 1, 2, 0, 1.0]]))

@@ -265,3 +265,24 @@ def test_full_disk_while_writing_a_checkpoint(tmp_path, monkeypatch, capsys):
     last = tmp_path / "checkpoints" / "last.pt"
     assert one_line(capsys.readouterr().err) == f"error: {last}: No space left on device"
     assert list(last.parent.iterdir()) == []  # no partial file
+
+
+def test_a_checkpoint_with_the_old_train_impl_keys_still_resumes(straight, tmp_path, capsys):
+    """Checkpoints and config.yaml files written before model.impl / model.epilogue existed hold train.impl and
+    train.epilogue: they resume to the same run, and the command line notes the new names once."""
+    stopped = tmp_path / "stopped"
+    assert run(stopped, "--epochs", "2", "--max-steps", "3") == 0
+    path = stopped / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    model = ckpt["config"]["model"]
+    ckpt["config"]["train"].update(impl=model.pop("impl"), epilogue=model.pop("epilogue"))
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    assert run(stopped, "--epochs", "2", "--resume", str(path)) == 0
+    err = capsys.readouterr().err
+    assert "note: train.impl is now model.impl (the old key still works)\n" in err
+    assert err.count("train.epilogue is now model.epilogue") == 1
+    assert step_losses(stopped) == step_losses(straight) and metrics(stopped) == metrics(straight)
+    assert run(tmp_path / "set", "--max-steps", "1", "--set", "train.impl=eager") == 0
+    assert "note: train.impl is now model.impl" in capsys.readouterr().err
+    assert load_config(tmp_path / "set" / "config.yaml").model.impl == "eager"

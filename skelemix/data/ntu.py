@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataFormatError, quote
-from .prepare import Candidate, Job, build, read_file, read_ignore_list, require_dir, skip_or_raise
+from .prepare import (Candidate, Conversion, Job, RunOptions, build, read_file, read_ignore_list, require_dir,
+                      skip_or_raise)
 from .preprocess import has_body, preprocess
 
 NUM_JOINTS = 25
@@ -289,8 +290,6 @@ def prepare_ntu(raw_dirs, out, version: int = 60, frames: int = 64, bodies: str 
         jobs.append(Job(paths[stem], [len(candidates)], paths[stem]))
         candidates.append(Candidate(stem, name.label, splits))
     options = {"bodies": bodies, "frames": frames, "official": official}
-    report = build(out, dataset=f"ntu{version}", layout="ntu-rgb+d", classes=CLASSES[:version], frames=frames,
-                   joints=NUM_JOINTS, bodies=2, candidates=candidates, jobs=jobs, task=_ntu_task, options=options,
-                   skip_bad=skip_bad, workers=workers, progress=progress, force=force, ignored=ignored,
-                   skipped=bad)
-    return report
+    return build(out, Conversion(f"ntu{version}", "ntu-rgb+d", CLASSES[:version], frames, NUM_JOINTS, 2, candidates,
+                                 jobs, _ntu_task, options, ignored=ignored, skipped=bad),
+                 RunOptions(skip_bad, workers, progress, force))

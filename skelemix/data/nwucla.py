@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataFormatError, quote
-from .prepare import Candidate, Job, build, read_file, require_dir, skip_or_raise
+from .prepare import Candidate, Conversion, Job, RunOptions, build, read_file, require_dir, skip_or_raise
 from .preprocess import has_body, preprocess
 from .safe_pickle import load as safe_load
 
@@ -111,10 +111,9 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
     labels_file = raw / "val_label.pkl"
     if labels_file.is_file():
         _check_val_list(labels_file, [c for c in candidates if c.splits[None] == "val"], skip_bad)
-    return build(out, dataset="nwucla", layout="nw-ucla", classes=CLASSES, frames=frames, joints=NUM_JOINTS,
-                 bodies=1, candidates=candidates, jobs=jobs, task=_task,
-                 options={"frames": frames, "official": official},
-                 skip_bad=skip_bad, workers=workers, progress=progress, force=force, skipped=bad)
+    return build(out, Conversion("nwucla", "nw-ucla", CLASSES, frames, NUM_JOINTS, 1, candidates, jobs, _task,
+                                 {"frames": frames, "official": official}, skipped=bad),
+                 RunOptions(skip_bad, workers, progress, force))
 
 
 def _check_val_list(path, val, skip_bad):

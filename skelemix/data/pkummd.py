@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataFormatError, check_name, quote
-from .prepare import Candidate, Job, build, read_file, read_text, require_dir, skip_or_raise
+from .prepare import Candidate, Conversion, Job, RunOptions, build, read_file, read_text, require_dir, skip_or_raise
 from .preprocess import has_body, preprocess
 
 CLASSES = (
@@ -192,7 +192,7 @@ def prepare_pkummd(raw, out, frames: int = 64, split_file=None, test_view: str =
                         (entry.path, [(s, e) for _, s, e in clips])))
     if not jobs:
         raise FileNotFoundError(f"no usable <video>.txt skeleton files in {skeleton_dir}")
-    return build(out, dataset="pkummd", layout="ntu-rgb+d", classes=CLASSES, frames=frames, joints=25, bodies=2,
-                 candidates=candidates, jobs=jobs, task=_task, options={"frames": frames, "official": official,
-                                                                        "test_view": test_view},
-                 skip_bad=skip_bad, workers=workers, progress=progress, force=force, skipped=bad)
+    options = {"frames": frames, "official": official, "test_view": test_view}
+    return build(out, Conversion("pkummd", "ntu-rgb+d", CLASSES, frames, 25, 2, candidates, jobs, _task, options,
+                                 skipped=bad),
+                 RunOptions(skip_bad, workers, progress, force))

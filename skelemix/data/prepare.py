@@ -2,12 +2,12 @@
 
 A converter lists its *candidates* (one per output sample: name, label, split under each benchmark) and
 its *jobs* (units of parallel work, e.g. one file, each producing some candidates), then calls
-:func:`build`. Jobs run in a process pool (``imap_unordered``, chunked) with a progress bar; every finished
-sample goes straight into a memory-mapped cache ``<out>.work/samples.npy`` and its status into
-``status.npy``, both flushed regularly, so memory stays at a few samples and an interrupted run resumes
-where it stopped. Each benchmark's prepared dataset (format in :mod:`.prepared`) is then copied out of the
-cache in chunks into a temporary folder, which is renamed into place when complete; the cache is removed
-at the end.
+:func:`build` with them (a :class:`Conversion`). Jobs run in a process pool (``imap_unordered``, chunked)
+with a progress bar; every finished sample goes straight into a memory-mapped cache
+``<out>.work/samples.npy`` and its status into ``status.npy``, both flushed regularly, so memory stays at a
+few samples and an interrupted run resumes where it stopped. Each benchmark's prepared dataset (format in
+:mod:`.prepared`) is then copied out of the cache in chunks into a temporary folder, which is renamed into
+place when complete; the cache is removed at the end.
 
 Samples in which no body appears are listed as missing skeletons and left out. A malformed input raises
 :class:`DataFormatError` (file, line, expectation) unless ``skip_bad``, which leaves the sample out and
@@ -119,159 +119,221 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build(out, *, dataset: str, layout: str, classes, frames: int, joints: int, bodies: int,
-          candidates: list[Candidate], jobs: list[Job], task: Callable, options: dict, skip_bad: bool = False,
-          workers: int | None = None, progress: bool = True, force: bool = False, extra_meta: dict | None = None,
-          ignored: int = 0, skipped: list | None = None, split_names=("train", "val"), channels: int = 3) -> Report:
+@dataclass
+class Conversion:
+    """What a converter prepares: the dataset's name, skeleton and sizes, one candidate per output sample, the
+    jobs that produce them and the ``task(job, options)`` that runs a job (see :func:`build`)."""
+
+    dataset: str
+    layout: str | dict
+    classes: list
+    frames: int
+    joints: int
+    bodies: int
+    candidates: list[Candidate]
+    jobs: list[Job]
+    task: Callable
+    options: dict  # the task's settings (part of what identifies a prepared dataset)
+    channels: int = 3
+    split_names: tuple = ("train", "val")  # every benchmark gets these splits, even if empty
+    extra_meta: dict = field(default_factory=dict)
+    ignored: int = 0  # inputs on the ignore list
+    skipped: list = field(default_factory=list)  # (name, error) of inputs the converter already left out
+
+    def settings(self) -> str:
+        return _fingerprint({"dataset": self.dataset, "frames": self.frames, "options": self.options})
+
+
+@dataclass
+class RunOptions:
+    """How :func:`build` runs: ``skip_bad`` leaves malformed inputs out (listed in ``skipped.txt``) instead of
+    stopping; ``workers`` processes (None: all cores); ``force`` redoes benchmarks already prepared."""
+
+    skip_bad: bool = False
+    workers: int | None = None
+    progress: bool = True
+    force: bool = False
+
+
+def build(out, conversion: Conversion, run: RunOptions = RunOptions()) -> Report:
     """Run ``task(job, options) -> [(index, (channels, frames, joints, bodies) array or None if no body, error)]``
-    over ``jobs`` and write one prepared dataset per benchmark: ``out/<benchmark>/`` or, when every
-    candidate's benchmark is ``None``, ``out/`` itself. ``skipped``: ``(name, error)`` of inputs the
-    converter already left out (reported with the others). Every benchmark gets the ``split_names`` (even
-    if empty) and any other split its candidates name."""
-    out = Path(out)
-    if isinstance(frames, bool) or not isinstance(frames, (int, np.integer)) or frames < 1:
-        raise ValueError(f"frames must be a whole number >= 1; got {frames!r}")
+    over the jobs and write one prepared dataset per benchmark: ``out/<benchmark>/`` or, when every
+    candidate's benchmark is ``None``, ``out/`` itself. Every benchmark gets the ``split_names`` and any other
+    split its candidates name."""
+    out, c = Path(out), conversion
+    _check(out, c, run)
+    report = Report(out, ignored=c.ignored)
+    benchmarks = list(dict.fromkeys(bm for cand in c.candidates for bm in cand.splits))
+    finals = {bm: out if bm is None else out / bm for bm in benchmarks}
+    todo = [bm for bm, final in finals.items() if not _reuse(final, bm, c, run.force, report)]
+    if not todo:
+        return report
+    cache = _Cache(out.with_name(out.name + ".work"), c, run.skip_bad)
+    try:
+        _parse(cache, c, run)
+    finally:
+        cache.flush()
+    report.missing = [c.candidates[i].name for i in np.flatnonzero(cache.status == MISSING)]
+    report.skipped = list(c.skipped) + [(c.candidates[i].name, cache.errors.get(int(i), ""))
+                                        for i in np.flatnonzero(cache.status == BAD)]
+    for bm in todo:
+        report.sizes[bm] = _write_benchmark(finals[bm], bm, cache, c, report)
+    cache.remove()
+    return report
+
+
+def _check(out: Path, c: Conversion, run: RunOptions) -> None:
+    """The arguments, and every name that will become a file name or a line (names from data files are
+    untrusted), before anything is written or removed."""
+    if isinstance(c.frames, bool) or not isinstance(c.frames, (int, np.integer)) or c.frames < 1:
+        raise ValueError(f"frames must be a whole number >= 1; got {c.frames!r}")
+    workers = run.workers
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, (int, np.integer))
                                 or workers < 1):
         raise ValueError(f"workers must be a whole number >= 1 (or None: all cores); got {workers!r}")
-    for job in jobs:  # before anything is written or removed: names from data files are untrusted
+    for job in c.jobs:
         for i in job.indices:
-            check_name(candidates[i].name, job.key, "sample name")
-            for bm, split in candidates[i].splits.items():
+            check_name(c.candidates[i].name, job.key, "sample name")
+            for bm, split in c.candidates[i].splits.items():
                 check_name(split, job.key, "split name")
                 if bm is not None:
                     check_name(bm, job.key, "benchmark name")
-    if not candidates:
-        raise FileNotFoundError(f"nothing to prepare into {out}: no sample is left ({ignored} on the ignore list, "
-                                f"{len(skipped or [])} skipped as bad)")
-    benchmarks = list(dict.fromkeys(bm for c in candidates for bm in c.splits))
-    finals = {bm: out if bm is None else out / bm for bm in benchmarks}
-    settings = {"dataset": dataset, "frames": frames, "options": options}
-    report = Report(out, ignored=ignored)
-    todo = []
-    for bm, final in finals.items():
-        meta_path = final / "meta.json"
-        if meta_path.is_file() and not force:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("settings") != _fingerprint(settings):
-                raise FileExistsError(f"{final} is a dataset prepared with other settings; pass --force to "
-                                      "replace it or choose another --out")
-            report.reused.append(bm)
-            report.sizes[bm] = meta["splits"]
+    if not c.candidates:
+        raise FileNotFoundError(f"nothing to prepare into {out}: no sample is left ({c.ignored} on the ignore list, "
+                                f"{len(c.skipped)} skipped as bad)")
+
+
+def _reuse(final: Path, bm, c: Conversion, force: bool, report: Report) -> bool:
+    """Whether the benchmark ``bm`` is already prepared in ``final`` with the same settings (then it is kept and
+    reported); another dataset or a foreign folder there is an error."""
+    meta_path = final / "meta.json"
+    if meta_path.is_file() and not force:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("settings") != c.settings():
+            raise FileExistsError(f"{final} is a dataset prepared with other settings; pass --force to "
+                                  "replace it or choose another --out")
+        report.reused.append(bm)
+        report.sizes[bm] = meta["splits"]
+        return True
+    if final.exists() and not meta_path.is_file() and any(final.iterdir()):
+        raise FileExistsError(f"{final} exists and is not a prepared dataset; choose another --out")
+    return False
+
+
+class _Cache:
+    """The resumable work folder: every parsed sample in a memory map ``samples.npy``, its status in
+    ``status.npy`` and the errors of bad ones in ``errors.jsonl``; started anew when the conversion differs."""
+
+    def __init__(self, work: Path, c: Conversion, skip_bad: bool):
+        self.work = work
+        state = {"settings": c.settings(), "candidates": _fingerprint([cand.name for cand in c.candidates]),
+                 "shape": [len(c.candidates), c.channels, c.frames, c.joints, c.bodies]}
+        state_path = work / "state.json"
+        if not (state_path.is_file() and json.loads(state_path.read_text()) == state):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            open_memmap(work / "samples.npy", "w+", np.float32, tuple(state["shape"])).flush()
+            np.save(work / "status.npy", np.zeros(len(c.candidates), np.int8))
+            state_path.write_text(json.dumps(state))
+        self.samples = open_memmap(work / "samples.npy", "r+")
+        self.status = open_memmap(work / "status.npy", "r+")
+        if not skip_bad:  # inputs an earlier --skip-bad run left out are parsed again, so their errors surface
+            self.status[self.status == BAD] = PENDING
+        self.errors_path = work / "errors.jsonl"
+        self.errors = {}
+        if self.errors_path.is_file():
+            for line in self.errors_path.read_text().splitlines():
+                i, msg = json.loads(line)
+                self.errors[i] = msg
+
+    def store(self, i: int, arr, err, skip_bad: bool) -> None:
+        """One job result: a sample, a sample without a body, or an error (raised unless ``skip_bad``)."""
+        if err is not None:
+            if not skip_bad:
+                err.skippable = True
+                raise err
+            self.status[i], self.errors[i] = BAD, str(err)
+            with open(self.errors_path, "a") as f:
+                f.write(json.dumps([i, str(err)]) + "\n")
+        elif arr is None:
+            self.status[i] = MISSING
         else:
-            if final.exists() and not meta_path.is_file() and any(final.iterdir()):
-                raise FileExistsError(f"{final} exists and is not a prepared dataset; choose another --out")
-            todo.append(bm)
-    if not todo:
-        return report
+            self.samples[i] = arr
+            self.status[i] = OK
 
-    work = out.with_name(out.name + ".work")
-    state = {"settings": _fingerprint(settings), "candidates": _fingerprint([c.name for c in candidates]),
-             "shape": [len(candidates), channels, frames, joints, bodies]}
-    state_path = work / "state.json"
-    if not (state_path.is_file() and json.loads(state_path.read_text()) == state):
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        open_memmap(work / "samples.npy", "w+", np.float32, tuple(state["shape"])).flush()
-        np.save(work / "status.npy", np.zeros(len(candidates), np.int8))
-        state_path.write_text(json.dumps(state))
-    samples = open_memmap(work / "samples.npy", "r+")
-    status = open_memmap(work / "status.npy", "r+")
-    if not skip_bad:  # inputs an earlier --skip-bad run left out are parsed again, so their errors surface
-        status[status == BAD] = PENDING
-    errors_path = work / "errors.jsonl"
-    errors = {}
-    if errors_path.is_file():
-        for line in errors_path.read_text().splitlines():
-            i, msg = json.loads(line)
-            errors[i] = msg
-    pending = [job for job in jobs if (status[job.indices] == PENDING).any()]
-    done = len(candidates) - sum(len(job.indices) for job in pending)
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    bar = tqdm(total=len(candidates), initial=done, desc=f"{dataset}: parsing", unit="sample", disable=not progress,
-               dynamic_ncols=True)
-    since_flush = 0
+    def flush(self) -> None:
+        self.samples.flush()  # data before status: a flushed status never points at unwritten data
+        self.status.flush()
 
-    def flush():
-        samples.flush()  # data before status: a flushed status never points at unwritten data
-        status.flush()
+    def remove(self) -> None:
+        self.samples = self.status = None  # close the memory maps before removing the cache
+        shutil.rmtree(self.work, ignore_errors=True)
 
-    try:
-        if workers > 1 and len(pending) > 1:
-            pool = get_context("fork" if os.name == "posix" else "spawn").Pool(
-                min(workers, len(pending)), initializer=_init, initargs=(task, options, True))
-            results = pool.imap_unordered(_run, pending, chunksize=max(1, min(32, len(pending) // (4 * workers))))
-        else:
-            pool = None
-            _init(task, options)
-            results = map(_run, pending)
+
+def _parse(cache: _Cache, c: Conversion, run: RunOptions) -> None:
+    """The pending jobs in a process pool (or in this process), their results into the cache as they come."""
+    pending = [job for job in c.jobs if (cache.status[job.indices] == PENDING).any()]
+    done = len(c.candidates) - sum(len(job.indices) for job in pending)
+    workers = (os.cpu_count() or 1) if run.workers is None else run.workers
+    since_flush, pool = 0, None
+    with tqdm(total=len(c.candidates), initial=done, desc=f"{c.dataset}: parsing", unit="sample",
+              disable=not run.progress, dynamic_ncols=True) as bar:
         try:
+            if workers > 1 and len(pending) > 1:
+                pool = get_context("fork" if os.name == "posix" else "spawn").Pool(
+                    min(workers, len(pending)), initializer=_init, initargs=(c.task, c.options, True))
+                results = pool.imap_unordered(_run, pending,
+                                              chunksize=max(1, min(32, len(pending) // (4 * workers))))
+            else:
+                _init(c.task, c.options)
+                results = map(_run, pending)
             for result in results:
                 for i, arr, err in result:
-                    if err is not None:
-                        if not skip_bad:
-                            err.skippable = True
-                            raise err
-                        status[i], errors[i] = BAD, str(err)
-                        with open(errors_path, "a") as f:
-                            f.write(json.dumps([i, str(err)]) + "\n")
-                    elif arr is None:
-                        status[i] = MISSING
-                    else:
-                        samples[i] = arr
-                        status[i] = OK
-                    since_flush += 1
+                    cache.store(i, arr, err, run.skip_bad)
+                since_flush += len(result)
                 bar.update(len(result))
                 if since_flush >= _FLUSH_EVERY:
-                    flush()
+                    cache.flush()
                     since_flush = 0
         finally:
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    finally:
-        flush()
-        bar.close()
 
-    report.missing = [candidates[i].name for i in np.flatnonzero(status == MISSING)]
-    report.skipped = list(skipped or []) + [(candidates[i].name, errors.get(int(i), ""))
-                                            for i in np.flatnonzero(status == BAD)]
-    everywhere = {n for n, _ in skipped or []}  # not a candidate: listed under every benchmark
-    ok = np.flatnonzero(status == OK)
-    for bm in todo:
-        final = finals[bm]
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        sizes = {}
-        names = list(dict.fromkeys([*split_names, *(c.splits[bm] for c in candidates if bm in c.splits)]))
-        for split in names:
-            idx = np.array([i for i in ok if candidates[i].splits.get(bm) == split], np.int64)
-            arr = open_memmap(tmp / f"{split}_data.npy", "w+", np.float32, (len(idx), channels, frames, joints,
-                                                                            bodies))
-            for s in range(0, len(idx), _COPY_CHUNK):
-                arr[s:s + _COPY_CHUNK] = samples[idx[s:s + _COPY_CHUNK]]
-            arr.flush()
-            del arr
-            np.save(tmp / f"{split}_label.npy", np.array([candidates[i].label for i in idx], np.int64))
-            (tmp / f"{split}_names.txt").write_text("".join(f"{candidates[i].name}\n" for i in idx))
-            sizes[split] = len(idx)
-        in_bm = {c.name for c in candidates if bm in c.splits}
-        missing = [n for n in report.missing if n in in_bm]
-        bad = [(n, e) for n, e in report.skipped if n in in_bm or n in everywhere]
-        (tmp / "missing_skeletons.txt").write_text("".join(f"{n}\n" for n in missing))
-        (tmp / "skipped.txt").write_text("".join(f"{printable(n)}\t{e}\n" for n, e in bad))
-        write_meta(tmp, dataset=dataset, layout=layout, classes=list(classes), frames=frames, bodies=bodies,
-                   splits=sizes, benchmark=bm, settings=_fingerprint(settings), options=options,
-                   missing_skeletons=len(missing), skipped=len(bad), **(extra_meta or {}))
-        if final.exists():
-            shutil.rmtree(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-        report.sizes[bm] = sizes
-    samples = status = None  # close the memory maps before removing the cache
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+
+def _write_benchmark(final: Path, bm, cache: _Cache, c: Conversion, report: Report) -> dict:
+    """Copy one benchmark's splits out of the cache into a temporary folder, then rename it into ``final``.
+    Returns the split sizes."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ok = np.flatnonzero(cache.status == OK)
+    sizes = {}
+    for split in dict.fromkeys([*c.split_names, *(cand.splits[bm] for cand in c.candidates if bm in cand.splits)]):
+        idx = np.array([i for i in ok if c.candidates[i].splits.get(bm) == split], np.int64)
+        arr = open_memmap(tmp / f"{split}_data.npy", "w+", np.float32, (len(idx), c.channels, c.frames, c.joints,
+                                                                        c.bodies))
+        for s in range(0, len(idx), _COPY_CHUNK):
+            arr[s:s + _COPY_CHUNK] = cache.samples[idx[s:s + _COPY_CHUNK]]
+        arr.flush()
+        del arr
+        np.save(tmp / f"{split}_label.npy", np.array([c.candidates[i].label for i in idx], np.int64))
+        (tmp / f"{split}_names.txt").write_text("".join(f"{c.candidates[i].name}\n" for i in idx))
+        sizes[split] = len(idx)
+    in_bm = {cand.name for cand in c.candidates if bm in cand.splits}
+    everywhere = {n for n, _ in c.skipped}  # not a candidate: listed under every benchmark
+    missing = [n for n in report.missing if n in in_bm]
+    bad = [(n, e) for n, e in report.skipped if n in in_bm or n in everywhere]
+    (tmp / "missing_skeletons.txt").write_text("".join(f"{n}\n" for n in missing))
+    (tmp / "skipped.txt").write_text("".join(f"{printable(n)}\t{e}\n" for n, e in bad))
+    write_meta(tmp, dataset=c.dataset, layout=c.layout, classes=list(c.classes), frames=c.frames, bodies=c.bodies,
+               splits=sizes, benchmark=bm, settings=c.settings(), options=c.options,
+               missing_skeletons=len(missing), skipped=len(bad), **c.extra_meta)
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    return sizes
 
 
 def skip_or_raise(err: DataFormatError, name: str, skipped: list, skip_bad: bool) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..graph import LAYOUTS, Layout, get_layout, layout_value
 from .errors import DataFormatError, quote
-from .prepare import Candidate, Job, build
+from .prepare import Candidate, Conversion, Job, RunOptions, build
 from .prepared import channels_of, read_meta
 from .preprocess import preprocess
 from .safe_pickle import load as safe_load
@@ -165,10 +165,10 @@ def prepare_pyskl(pkl, out, frames: int = 64, layout: str | None = None, preproc
                "preprocessing": preprocessing}
     channels = channel_names(coords, score)
     # The keypoints are already in memory: worker processes would only copy them.
-    return build(out, dataset=f"pyskl:{Path(pkl).name}", layout=layout_value(layout), classes=classes, frames=frames, joints=V,
-                 bodies=bodies, candidates=candidates, jobs=jobs, task=_task, options=options, skip_bad=skip_bad,
-                 workers=1, progress=progress, force=force, split_names=(), channels=len(channels),
-                 extra_meta={"channels": channels})
+    return build(out, Conversion(f"pyskl:{Path(pkl).name}", layout_value(layout), classes, frames, V, bodies,
+                                 candidates, jobs, _task, options, channels=len(channels), split_names=(),
+                                 extra_meta={"channels": channels}),
+                 RunOptions(skip_bad, workers=1, progress=progress, force=force))
 
 
 def _classes(layout: str, n: int, frame_dirs):

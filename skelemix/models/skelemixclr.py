@@ -1,4 +1,5 @@
-"""The SkeleMixCLR objective: MoCo queue, momentum encoder, instance / trimmed / truncated logits (REFERENCE.md 4).
+"""The SkeleMixCLR objective: MoCo queue, momentum encoder, instance / trimmed / truncated logits
+(docs/DESIGN.md 4).
 
 One class covers the released variants; they differ only in their mixing rows (``swap_params``):
 
@@ -14,7 +15,7 @@ official behaviour back: ``official_key_init`` (encoder_k starts from different 
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,18 @@ from .. import distributed
 from ..graph import Graph
 from ..mix import SkeleMix
 from .stgcn import STGCN, init_weights
+
+
+class SwapRow(NamedTuple):
+    """One query view's mixing: a row ``[spa_l, spa_u, tem_l, tem_u, repeat, weight]`` of ``swap_params``."""
+
+    min_parts: int  # spa_l, spa_u: the region spans this many body parts (inclusive range)
+    max_parts: int
+    min_blocks: int  # tem_l, tem_u: and this many blocks of the encoder's temporal stride (inclusive range)
+    max_blocks: int
+    repeats: int  # mixed copies of the view per step
+    weight: float  # of the view's terms in the loss
+
 
 # Default settings of each released variant; everything else comes from the constructor's defaults.
 VARIANTS = {
@@ -75,20 +88,13 @@ class SkeleMixCLR(nn.Module):
         graph = graph if isinstance(graph, Graph) else Graph(**(graph or {}))
         self.encoder_q = STGCN(num_class=feature_dim, head=head, graph=graph, **encoder)
         self.encoder_k = copy.deepcopy(self.encoder_q)
-        self.K, self.m, self.T = queue_size, momentum, temperature
+        self.queue_size, self.momentum, self.temperature = queue_size, momentum, temperature
         self.alpha, self.repeat_reduction = alpha, repeat_reduction
-        self.swap_params = [tuple(row) for row in swap_params]
+        self.swap_params = [_swap_row(row) for row in swap_params]
         layout = graph.layout
-        self.mixers = []
-        for row in self.swap_params:
-            if len(row) != 6:
-                raise ValueError(f"each swap_params row is (spa_l, spa_u, tem_l, tem_u, repeat, weight); got {row}")
-            spa_l, spa_u, tem_l, tem_u, repeat, _ = row
-            if int(repeat) < 1:
-                raise ValueError(f"swap_params repeat must be >= 1; got {repeat}")
-            self.mixers.append(SkeleMix(layout.body_parts, layout.num_joints, (int(spa_l), int(spa_u)),
-                                        (int(tem_l), int(tem_u)), block=self.encoder_q.temporal_stride,
-                                        impl=self.encoder_q.impl, **(mix or {})))
+        self.mixers = [SkeleMix(layout.body_parts, layout.num_joints, (row.min_parts, row.max_parts),
+                                (row.min_blocks, row.max_blocks), block=self.encoder_q.temporal_stride,
+                                impl=self.encoder_q.impl, **(mix or {})) for row in self.swap_params]
         self.register_buffer("queue", F.normalize(torch.randn(feature_dim, queue_size), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
@@ -105,33 +111,33 @@ class SkeleMixCLR(nn.Module):
     def _momentum_update(self):
         q = [p.detach() for p in self.encoder_q.parameters()]
         k = list(self.encoder_k.parameters())
-        torch._foreach_lerp_(k, q, 1.0 - self.m)  # k = m*k + (1-m)*q
+        torch._foreach_lerp_(k, q, 1.0 - self.momentum)  # k = m*k + (1-m)*q
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor):
         keys = distributed.all_gather(keys)  # every rank's keys in rank order: the global batch
         n = keys.shape[0]
-        if self.K % n:
+        if self.queue_size % n:
             w = distributed.world_size()
             split = f" = {w} processes x {n // w}" if w > 1 else ""
-            raise ValueError(f"queue_size ({self.K}) must be a multiple of the global batch size ({n}{split}): "
-                             "the queue is filled one global batch of keys at a time")
+            raise ValueError(f"queue_size ({self.queue_size}) must be a multiple of the global batch size "
+                             f"({n}{split}): the queue is filled one global batch of keys at a time")
         # The pointer stays on the device: no host synchronisation (CUDA graphs replay this step as it is).
-        index = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.K
+        index = (self.queue_ptr + torch.arange(n, device=self.queue_ptr.device)) % self.queue_size
         self.queue.index_copy_(1, index, keys.T.to(self.queue.dtype))
-        self.queue_ptr.add_(n).remainder_(self.K)
+        self.queue_ptr.add_(n).remainder_(self.queue_size)
 
     def _logits(self, feat: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor,
                 extra: torch.Tensor | None = None) -> torch.Tensor:
         cols = [(feat * positive).sum(1, keepdim=True), feat @ queue]
         if extra is not None:
             cols.append((feat * extra.detach()).sum(1, keepdim=True))
-        return torch.cat(cols, dim=1) / self.T
+        return torch.cat(cols, dim=1) / self.temperature
 
     def draw_mixes(self, shape, generator=None) -> list[dict]:
         """The SkeleMix draws of one step (one dict per query view, see :meth:`SkeleMix.draw`) for queries of
         ``shape``, on the host: what :meth:`forward` draws from ``generator`` first."""
-        return [mixer.draw(shape, int(row[4]), generator) for mixer, row in zip(self.mixers, self.swap_params)]
+        return [mixer.draw(shape, row.repeats, generator) for mixer, row in zip(self.mixers, self.swap_params)]
 
     def forward(self, queries: torch.Tensor | Sequence[torch.Tensor], key: torch.Tensor, generator=None,
                 mix_draws: Sequence[dict] | None = None) -> dict:
@@ -153,13 +159,13 @@ class SkeleMixCLR(nn.Module):
             queries = [queries]
         if self.swap_params and len(queries) != len(self.swap_params):
             raise ValueError(f"got {len(queries)} query views but swap_params has {len(self.swap_params)} rows")
-        weights = [float(row[5]) for row in self.swap_params] or [1.0] * len(queries)
+        weights = [row.weight for row in self.swap_params] or [1.0] * len(queries)
 
         # Draw every mixed batch first (the official order of random draws), then run the encoders. The repeats
         # of a view come from one gather launch; each is still encoded on its own (BatchNorm statistics are
         # per batch of N).
         if mix_draws is None:
-            mixed = [mixer.batches(q, int(row[4]), generator)
+            mixed = [mixer.batches(q, row.repeats, generator)
                      for q, mixer, row in zip(queries, self.mixers, self.swap_params)]
         elif len(mix_draws) != len(self.mixers):
             raise ValueError(f"got mixing draws for {len(mix_draws)} query views; the model mixes {len(self.mixers)}")
@@ -209,6 +215,15 @@ class SkeleMixCLR(nn.Module):
         out["loss"] = loss
         out["acc_ins"] = torch.stack(acc).mean()
         return out
+
+
+def _swap_row(row: Sequence[float]) -> SwapRow:
+    if len(row) != 6:
+        raise ValueError(f"each swap_params row is (spa_l, spa_u, tem_l, tem_u, repeat, weight); got {tuple(row)}")
+    row = SwapRow(*(int(v) for v in row[:5]), float(row[5]))
+    if row.repeats < 1:
+        raise ValueError(f"swap_params repeat must be >= 1; got {row.repeats}")
+    return row
 
 
 def _unit(features: torch.Tensor) -> torch.Tensor:

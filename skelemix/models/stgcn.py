@@ -1,10 +1,12 @@
-"""The ST-GCN encoder of SkeleMixCLR (REFERENCE.md 2.2-2.5).
+"""The ST-GCN encoder of SkeleMixCLR (docs/DESIGN.md 2.2-2.5).
 
 Module names follow the official ``net/st_gcn_swap.py`` where that costs nothing (``data_bn``, ``gcn.conv``,
 ``tcn.0/2/3``, ``residual.0/1``, ``fc``, buffer ``A``); the ten blocks live in ``blocks`` and each block
 holds its own ``edge_importance``. :mod:`skelemix.checkpoint` maps the official keys onto these.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -13,17 +15,31 @@ from .. import ops
 from ..graph import Graph
 
 
-class GraphConv(nn.Module):
-    """1x1 convolution to ``K * out`` channels, then aggregation over the ``K`` adjacency subsets."""
+def block_plan(in_channels: int, hidden_channels: int, hidden_dim: int) -> list[tuple[int, int, int]]:
+    """``(in, out, temporal stride)`` of the ten ST-GCN blocks."""
+    hc = hidden_channels
+    return [(in_channels, hc, 1), (hc, hc, 1), (hc, hc, 1), (hc, hc, 1), (hc, 2 * hc, 2),
+            (2 * hc, 2 * hc, 1), (2 * hc, 2 * hc, 1), (2 * hc, 4 * hc, 2), (4 * hc, 4 * hc, 1),
+            (4 * hc, hidden_dim, 1)]
 
-    def __init__(self, in_channels: int, out_channels: int, num_subsets: int):
+
+# Frames per feature-map cell: SkeleMix regions are whole blocks of this many frames.
+TEMPORAL_STRIDE = math.prod(stride for _, _, stride in block_plan(1, 1, 1))
+
+
+class GraphConv(nn.Module):
+    """1x1 convolution to ``K * out`` channels, then aggregation over the ``K`` adjacency subsets (through
+    :func:`skelemix.ops.graph_conv` with implementation ``impl``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_subsets: int, impl: str = "auto"):
         super().__init__()
         self.num_subsets = num_subsets
+        self.impl = impl
         self.conv = nn.Conv2d(in_channels, out_channels * num_subsets, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, A: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         weight = self.conv.weight.flatten(1)
-        return ops.graph_conv(x, weight, self.conv.bias, A, impl=impl)
+        return ops.graph_conv(x, weight, self.conv.bias, A, impl=self.impl)
 
 
 def batch_norm_epilogue(x: torch.Tensor, bn: nn.BatchNorm2d, residual: torch.Tensor | None = None, p: float = 0.0,
@@ -52,15 +68,15 @@ class STGCNBlock(nn.Module):
     ``fused``: the two BatchNorms of ``tcn``, its ReLU and dropout, the residual add and the final ReLU run as
     two :func:`skelemix.ops.bn_epilogue` calls; the modules only hold the parameters (the state dict is the
     same). Dropout then draws its mask from a counter-based hash rather than torch's generator. BatchNorms
-    replaced by another class (SyncBatchNorm) always run as modules.
+    replaced by another class (SyncBatchNorm) always run as modules. ``impl``: the implementation of the ops.
     """
 
     def __init__(self, in_channels: int, out_channels: int, num_subsets: int, num_joints: int, stride: int = 1,
                  dropout: float = 0.0, residual: bool = True, edge_importance: bool = True,
-                 temporal_kernel: int = 9):
+                 temporal_kernel: int = 9, impl: str = "auto", fused: bool = False):
         super().__init__()
-        self.stride = stride
-        self.gcn = GraphConv(in_channels, out_channels, num_subsets)
+        self.stride, self.impl, self.fused = stride, impl, fused
+        self.gcn = GraphConv(in_channels, out_channels, num_subsets, impl)
         pad = (temporal_kernel - 1) // 2
         self.tcn = nn.Sequential(
             nn.BatchNorm2d(out_channels),
@@ -79,15 +95,15 @@ class STGCNBlock(nn.Module):
         self.edge_importance = (nn.Parameter(torch.ones(num_subsets, num_joints, num_joints))
                                 if edge_importance else None)
 
-    def forward(self, x: torch.Tensor, A: torch.Tensor, impl: str = "auto", fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
         A_eff = A * self.edge_importance if self.edge_importance is not None else A
-        g = self.gcn(x, A_eff, impl)
+        g = self.gcn(x, A_eff)
         bn1, conv, bn2, dropout = self.tcn[0], self.tcn[2], self.tcn[3], self.tcn[4]
-        if fused and type(bn1) is nn.BatchNorm2d and type(bn2) is nn.BatchNorm2d:
-            z = conv(batch_norm_epilogue(g, bn1, impl=impl))
+        if self.fused and type(bn1) is nn.BatchNorm2d and type(bn2) is nn.BatchNorm2d:
+            z = conv(batch_norm_epilogue(g, bn1, impl=self.impl))
             residual = self.residual(x) if self.residual is not None else None
             p = dropout.p if dropout.training else 0.0
-            return batch_norm_epilogue(z, bn2, residual, p=p, impl=impl)
+            return batch_norm_epilogue(z, bn2, residual, p=p, impl=self.impl)
         out = self.tcn(g)
         if self.residual is not None:
             out = out + self.residual(x)
@@ -129,27 +145,19 @@ class STGCN(nn.Module):
                  edge_importance: bool = True, graph: Graph | dict | None = None, impl: str = "auto",
                  fused_epilogue: bool = False):
         super().__init__()
-        self.fused_epilogue = fused_epilogue
         graph = graph if isinstance(graph, Graph) else Graph(**(graph or {}))
         self.graph = graph
-        self.impl = ops.check_impl(impl)
         self.register_buffer("A", torch.tensor(graph.A, dtype=torch.float32))
         K, V = graph.num_subsets, graph.layout.num_joints
         self.in_channels = in_channels
         self.data_bn = nn.BatchNorm1d(in_channels * V)
-        hc = hidden_channels
-        # (in, out, stride) of the ten blocks.
-        plan = [(in_channels, hc, 1), (hc, hc, 1), (hc, hc, 1), (hc, hc, 1), (hc, 2 * hc, 2),
-                (2 * hc, 2 * hc, 1), (2 * hc, 2 * hc, 1), (2 * hc, 4 * hc, 2), (4 * hc, 4 * hc, 1),
-                (4 * hc, hidden_dim, 1)]
         self.blocks = nn.ModuleList(
             STGCNBlock(cin, cout, K, V, stride, dropout=0.0 if i == 0 else dropout, residual=i > 0,
                        edge_importance=edge_importance)
-            for i, (cin, cout, stride) in enumerate(plan))
+            for i, (cin, cout, stride) in enumerate(block_plan(in_channels, hidden_channels, hidden_dim)))
+        self.impl, self.fused_epilogue = impl, fused_epilogue
         self.hidden_dim = hidden_dim
-        self.temporal_stride = 1
-        for block in self.blocks:
-            self.temporal_stride *= block.stride
+        self.temporal_stride = math.prod(block.stride for block in self.blocks)
         if num_class is None:
             self.fc = None
         elif head == "linear":
@@ -158,6 +166,28 @@ class STGCN(nn.Module):
             self.fc = mlp_head(hidden_dim, num_class, batch_norm=head == "mlp")
         else:
             raise ValueError(f"head must be 'linear', 'mlp' or 'mlp_nobn'; got {head!r}")
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str):
+        """Every op of the encoder runs with ``impl`` (the blocks hold it too)."""
+        self._impl = ops.check_impl(impl)
+        for module in self.modules():
+            if isinstance(module, (GraphConv, STGCNBlock)):
+                module.impl = self._impl
+
+    @property
+    def fused_epilogue(self) -> bool:
+        return self._fused_epilogue
+
+    @fused_epilogue.setter
+    def fused_epilogue(self, fused: bool):
+        self._fused_epilogue = bool(fused)
+        for block in self.blocks:
+            block.fused = self._fused_epilogue
 
     def _check_input(self, x: torch.Tensor):
         V = self.graph.layout.num_joints
@@ -175,7 +205,7 @@ class STGCN(nn.Module):
         x = self.data_bn(x)
         x = x.view(N, M, V, C, T).permute(0, 1, 3, 4, 2).reshape(N * M, C, T, V)
         for block in self.blocks:
-            x = block(x, self.A, self.impl, self.fused_epilogue)
+            x = block(x, self.A)
         return x
 
     def pool(self, features: torch.Tensor, num_bodies: int, mask: torch.Tensor | None = None):

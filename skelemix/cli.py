@@ -82,10 +82,12 @@ def handle(err: BaseException, debug: bool = False, exit_code: int = 2, interrup
     return exit_code
 
 
-def run(body: Callable[[], int], debug: bool = False, exit_code: int = 2) -> int:
-    """``body()``, with its user errors turned into one line and ``exit_code`` by :func:`handle`."""
+def run(body: Callable[[], object], debug: bool = False, exit_code: int = 2) -> int:
+    """``body()`` as a command: its exit status when it returns an int, else 0; its user errors turned into one
+    line and ``exit_code`` by :func:`handle`."""
     try:
-        return body()
+        status = body()
+        return status if isinstance(status, int) else 0
     except BaseException as err:  # noqa: BLE001 - handle() re-raises everything but user errors
         return handle(err, debug, exit_code)
 

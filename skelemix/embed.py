@@ -448,12 +448,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    def body() -> int:
-        run(args)
-        return 0
-
-    return cli.run(body, debug=args.debug)
+    return cli.run(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -199,12 +199,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-
-    def body() -> int:
-        run(args)
-        return 0
-
-    return cli.run(body, debug=args.debug)
+    return cli.run(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

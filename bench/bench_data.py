@@ -1,5 +1,5 @@
 """One epoch of pretraining input (two augmented views per sample, delivered on the device): the official-style
-pipeline (per-sample numpy shear and temporal crop in DataLoader workers, REFERENCE.md 1.5) against ours (the
+pipeline (per-sample numpy shear and temporal crop in DataLoader workers, docs/DESIGN.md 1.5) against ours (the
 dataset resident on the device, batched augmentation there). Model steps are excluded: they are measured in
 bench_model.py; this isolates what the data path costs per epoch."""
 import os

@@ -4,7 +4,7 @@ every combination of the switches a user has (the step matrix):
 
 - impl: ``eager`` (the reference ops), ``compile`` (``torch.compile`` of both encoders around them), the
   compiled ops (``cuda``; ``cpp`` on a CPU) and ``triton``;
-- epilogue: ``modules`` (BatchNorm, dropout, add, ReLU) or ``fused`` (``bn_epilogue``; ``train.epilogue``);
+- epilogue: ``modules`` (BatchNorm, dropout, add, ReLU) or ``fused`` (``bn_epilogue``; ``model.epilogue``);
 - amp: ``none`` or ``bf16`` (``train.amp``);
 - CUDA graph: ``off`` or ``on`` (the step's device work replayed as one graph; ``train.cuda_graph``).
 
@@ -70,7 +70,7 @@ def _impl_of(provider):
 @pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
                                       "triton+fused"])
 def test_encoder_fwd_bwd(benchmark, provider):
-    impl, _, variant = provider.partition("+")  # "+fused": the fused block epilogue (train.epilogue=fused)
+    impl, _, variant = provider.partition("+")  # "+fused": the fused block epilogue (model.epilogue=fused)
     skip_unless_provider(impl)
     config = load_config("paper.yaml", MODEL_OVERRIDES)
     encoder = make_encoder(config.model, num_class=128, impl=_impl_of(impl)).to(DEVICE)
@@ -94,7 +94,7 @@ def test_training_step(benchmark, row):
     skip_unless_provider(impl)
     if graph == "on" and DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
-    config = load_config("paper.yaml", MODEL_OVERRIDES + [f"train.impl={_impl_of(impl)}", f"train.epilogue={epilogue}"])
+    config = load_config("paper.yaml", MODEL_OVERRIDES + [f"model.impl={_impl_of(impl)}", f"model.epilogue={epilogue}"])
     model = make_pretrain_model(config).to(DEVICE)
     if impl == "compile":
         model.encoder_q = torch.compile(model.encoder_q, backend=COMPILE_BACKEND)

@@ -1,7 +1,7 @@
 """``python -m bench.sweep``: pretraining over seeds x variants, the evidence for any change that can alter what
 the model learns (RNG, numerics, kernels, defaults): such a change is shown with a sweep, not with one run.
 
-    python -m bench.sweep --seeds 20 --set train.epilogue=fused,modules [--config demo.yaml] [--out DIR] [--jobs 2]
+    python -m bench.sweep --seeds 20 --set model.epilogue=fused,modules [--config demo.yaml] [--out DIR] [--jobs 2]
 
 runs ``python -m skelemix.train`` (the demo unless ``--config``) once per seed and variant, as parallel
 single-thread processes. A ``--set`` with comma-separated values is a variant axis; the variants are the cartesian

@@ -1,4 +1,4 @@
-"""Batched pretraining augmentations and input views (REFERENCE.md 1.5, 1.6).
+"""Batched pretraining augmentations and input views (docs/DESIGN.md 1.5, 1.6).
 
 Every function takes a batch ``(N, C, T, V, M)`` on any device, keeps its dtype (float32 in practice; the
 official feeders drifted to float64) and draws one set of random parameters per sample from a CPU torch

@@ -1,4 +1,4 @@
-"""Several processes (GPUs, nodes) through ``torchrun`` and DistributedDataParallel (REFERENCE.md 8, item 2).
+"""Several processes (GPUs, nodes) through ``torchrun`` and DistributedDataParallel (docs/DESIGN.md 8, item 2).
 
 Everything here is a thin layer over ``torch.distributed``; with one process every helper is a no-op, so
 single-process runs are bitwise unchanged. Conventions:

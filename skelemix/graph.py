@@ -1,4 +1,4 @@
-"""Skeleton layouts and the adjacency partitions built from them (REFERENCE.md 2.1).
+"""Skeleton layouts and the adjacency partitions built from them (docs/DESIGN.md 2.1).
 
 A layout is data, kept in a YAML file: the joints, the edges (bones) as (child, parent) pairs pointing toward
 the centre joint, the body parts SkeleMix cuts along, and the joints that preprocessing aligns on. The shipped

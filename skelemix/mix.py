@@ -1,4 +1,4 @@
-"""SkeleMix: cut body-part x time-block fragments from a partner sequence and paste them (REFERENCE.md 3).
+"""SkeleMix: cut body-part x time-block fragments from a partner sequence and paste them (docs/DESIGN.md 3).
 
 The defaults are the official ones: one region and one cyclic partner shift shared by the whole batch.
 ``per_sample=True`` draws a region per sample and ``partner="derangement"`` a random fixed-point-free

@@ -1,6 +1,6 @@
 """Eager PyTorch references of the fused ops: the oracle every kernel is tested against.
 
-Each function here is plain, differentiable PyTorch with the exact semantics of REFERENCE.md. The C++,
+Each function here is plain, differentiable PyTorch with the exact semantics of docs/DESIGN.md. The C++,
 CUDA and Triton implementations in :mod:`skelemix.ops` must match them; tests and benchmarks import them
 from here and nowhere else.
 """
@@ -10,7 +10,7 @@ import torch
 
 
 def mask_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Spatio-temporal mask pooling (REFERENCE.md 2.2 item 5).
+    """Spatio-temporal mask pooling (docs/DESIGN.md 2.2 item 5).
 
     Args:
         x: ``(B, C, T, V)`` floating feature map (``B`` = samples x bodies).
@@ -36,7 +36,7 @@ def mask_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def graph_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor) -> torch.Tensor:
-    """The ST-GCN spatial graph convolution (REFERENCE.md 2.2, "gcn").
+    """The ST-GCN spatial graph convolution (docs/DESIGN.md 2.2, "gcn").
 
     Args:
         x: ``(N, C_in, T, V)``.
@@ -74,7 +74,7 @@ def frame_region(region: torch.Tensor, block: int, frames: int) -> torch.Tensor:
 
 def skelemix_gather(x: torch.Tensor, partner: torch.Tensor, joints: torch.Tensor, span: torch.Tensor,
                     block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SkeleMix 'swap' mixing of ``R`` batches at once (REFERENCE.md 3 items 4-6).
+    """SkeleMix 'swap' mixing of ``R`` batches at once (docs/DESIGN.md 3 items 4-6).
 
     Args:
         x: ``(N, C, T, V, M)`` batch of sequences (any dtype; the op is a copy). ``T`` need not be a multiple
@@ -184,7 +184,7 @@ def dropout_keep(seed: torch.Tensor, shape, p: float, offset: int = 0) -> torch.
 def bn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None,
                 stats_mean: torch.Tensor | None, stats_var: torch.Tensor | None, seed: torch.Tensor, eps: float,
                 p: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """BatchNorm, dropout, residual add and ReLU after a convolution, in one op (REFERENCE.md 2.2, "tcn").
+    """BatchNorm, dropout, residual add and ReLU after a convolution, in one op (docs/DESIGN.md 2.2, "tcn").
 
     ``y = relu(dropout_p(batch_norm(x)) + residual)``, each stage optional, with the arithmetic done in the
     accumulation dtype ``acc`` (float64 for float64 ``x``, else float32) and one rounding to ``x.dtype``:

@@ -1,6 +1,6 @@
 """Pictures: training curves, confusion matrices, feature embeddings, and ``python -m skelemix.viz mix``.
 
-``python -m skelemix.viz mix`` renders one sequence, its partner and their SkeleMix result (REFERENCE.md 3)
+``python -m skelemix.viz mix`` renders one sequence, its partner and their SkeleMix result (docs/DESIGN.md 3)
 as a PNG grid and an animated GIF; ``python -m skelemix.viz curves RUN/metrics.jsonl`` redraws a run's
 training curves. Everything is drawn with matplotlib's object API on the Agg canvas: nothing touches the
 global pyplot state or needs a display, so the helpers are safe to call from the trainer and from tests.

@@ -1,5 +1,5 @@
 """A stand-in with the official ``net/st_gcn_swap.py`` module structure (state-dict names and forward),
-written from REFERENCE.md 2.2 for interop tests. Not used by the package."""
+written from docs/DESIGN.md 2.2 for interop tests. Not used by the package."""
 import torch
 from torch import nn
 

@@ -55,7 +55,7 @@ def test_views():
     torch.testing.assert_close(motion[:, :, 3], x[:, :, 4] - x[:, :, 3])
     assert (motion[:, :, -1] == 0).all()
     bone = to_view(x, "bone")
-    # 1-based pairs (v1, v2) from REFERENCE.md 1.6: (2, 21), (23, 8), (21, 21).
+    # 1-based pairs (v1, v2) from docs/DESIGN.md 1.6: (2, 21), (23, 8), (21, 21).
     torch.testing.assert_close(bone[:, :, :, 1], x[:, :, :, 1] - x[:, :, :, 20])
     torch.testing.assert_close(bone[:, :, :, 22], x[:, :, :, 22] - x[:, :, :, 7])
     assert (bone[:, :, :, 20] == 0).all()

@@ -1,4 +1,4 @@
-"""The fixed-length preprocessing (REFERENCE.md 1.3) against values computed by hand, fixed and official."""
+"""The fixed-length preprocessing (docs/DESIGN.md 1.3) against values computed by hand, fixed and official."""
 import numpy as np
 import pytest
 import torch

@@ -20,7 +20,7 @@ def test_default_graph_is_the_three_subset_agcn_graph():
 
 
 def test_stgcn_partitions_match_the_original_graph():
-    # REFERENCE.md 2.1: the ST-GCN spatial partition's subset sums are 8.95 / 13.3 / 2.75.
+    # docs/DESIGN.md 2.1: the ST-GCN spatial partition's subset sums are 8.95 / 13.3 / 2.75.
     np.testing.assert_allclose(Graph(strategy="spatial").A.sum(axis=(1, 2)), [8.95, 13.3, 2.75])
     assert Graph(strategy="distance").A.shape == (2, 25, 25)
     np.testing.assert_allclose(Graph(strategy="uniform").A.sum(), 25)

@@ -16,7 +16,7 @@ def n_params(module):
           "mlp": 3_182_612}),
 ])
 def test_parameter_counts_match_the_official_model(hc, counts):
-    # REFERENCE.md 2.4, measured on the official modules.
+    # docs/DESIGN.md 2.4, measured on the official modules.
     assert n_params(STGCN(hidden_channels=hc)) == counts["backbone"]
     assert n_params(STGCN(hidden_channels=hc, edge_importance=False)) == counts["backbone"] - 18_750
     assert n_params(STGCN(hidden_channels=hc, num_class=60)) == counts["linear60"]

@@ -1,4 +1,4 @@
-"""NTU RGB+D 60/120: the raw ``.skeleton`` text format (REFERENCE.md 1.1), file names, splits, body selection.
+"""NTU RGB+D 60/120: the raw ``.skeleton`` text format (docs/DESIGN.md 1.1), file names, splits, body selection.
 
 :func:`read_skeleton` walks the count lines (frames, bodies, joints) in Python and parses all joint lines of
 a file in one numpy call; every structural problem raises :class:`DataFormatError` with the file, the
@@ -21,7 +21,7 @@ from .preprocess import has_body, preprocess
 NUM_JOINTS = 25
 NAME = re.compile(r"S([0-9]{3})C([0-9]{3})P([0-9]{3})R([0-9]{3})A([0-9]{3})")  # whole name (fullmatch)
 
-# Benchmarks: the official NTU-60 splits (REFERENCE.md 1.2) and the NTU-120 protocols (arXiv 1905.04757).
+# Benchmarks: the official NTU-60 splits (docs/DESIGN.md 1.2) and the NTU-120 protocols (arXiv 1905.04757).
 XSUB60_TRAIN = frozenset({1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38})
 XSUB120_TRAIN = XSUB60_TRAIN | {45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82, 83, 84,
                                 85, 86, 89, 91, 92, 93, 94, 95, 97, 98, 100, 103}
@@ -131,7 +131,7 @@ def _count(lines, i: int, path, what: str) -> int:
 
 
 def read_skeleton(path: str | os.PathLike) -> Skeleton:
-    """Parse one NTU ``.skeleton`` file (format in REFERENCE.md 1.1)."""
+    """Parse one NTU ``.skeleton`` file (format in docs/DESIGN.md 1.1)."""
     lines = read_file(path).splitlines()
     if not any(line.strip() for line in lines):
         raise DataFormatError(path, "empty file: expected the frame count on line 1", 1)

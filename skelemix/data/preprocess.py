@@ -1,4 +1,4 @@
-"""Fixed-length preprocessing of raw skeleton sequences (REFERENCE.md 1.3): centre each body on a root joint,
+"""Fixed-length preprocessing of raw skeleton sequences (docs/DESIGN.md 1.3): centre each body on a root joint,
 resize the time axis linearly, rotate every frame about the y axis so the shoulders lie along +x.
 
 ``official=True`` reproduces ``feeder/preprocess_ntu.py`` bit for bit in its quirks:

@@ -72,10 +72,9 @@ class ModelConfig:
     edge_importance: bool = _to("encoder", True)
     impl: Literal[IMPLS] = _to("encoder", "auto")  # the implementation of the fused ops (skelemix.ops)
     # "fused": each ST-GCN block runs its BatchNorms, dropout, residual add and ReLUs as two bn_epilogue calls
-    # (dropout masks from a counter hash; 1.85x the eager CPU step instead of 1.28x). "modules" (default): the
-    # plain modules and torch's dropout: with the hashed masks the demo's pretraining left its loss plateau
-    # in 2 of 6 runs against 11 of 11 with generator-drawn masks (docs/PERFORMANCE.md); fused stays opt-in
-    # until a proper counter RNG replaces the hash.
+    # (Philox4x32-10 dropout masks; 1.85x the eager CPU step instead of 1.28x). "modules" (default): the plain
+    # modules and torch's dropout. Fused stays opt-in until a seed sweep (bench/sweep.py) shows it learns as the
+    # modules do (docs/RESULTS.md).
     epilogue: Literal["modules", "fused"] = "modules"
     feature_dim: int = _to("objective", 128)
     queue_size: int = _to("objective", 32768)

@@ -67,7 +67,7 @@ class STGCNBlock(nn.Module):
 
     ``fused``: the two BatchNorms of ``tcn``, its ReLU and dropout, the residual add and the final ReLU run as
     two :func:`skelemix.ops.bn_epilogue` calls; the modules only hold the parameters (the state dict is the
-    same). Dropout then draws its mask from a counter-based hash rather than torch's generator. BatchNorms
+    same). Dropout then draws its mask from Philox4x32-10 keyed by a seed from torch's generator. BatchNorms
     replaced by another class (SyncBatchNorm) always run as modules. ``impl``: the implementation of the ops.
     """
 
@@ -131,9 +131,8 @@ class STGCN(nn.Module):
         graph: a :class:`Graph` or keyword arguments for one (default NTU, agcn).
         impl: implementation of the fused ops (see :mod:`skelemix.ops`).
         fused_epilogue: run each block's BatchNorms, dropout, residual add and ReLUs as
-            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`). Off by default: with its hashed dropout
-            masks the demo's pretraining succeeded less often than with generator-drawn ones
-            (docs/PERFORMANCE.md); a proper counter RNG should replace the hash first.
+            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`). Off by default until a seed sweep shows it
+            learns as the modules do (docs/RESULTS.md).
 
     ``forward(x)`` takes ``(N, C, T, V, M)`` and returns ``fc(pool(x))`` of shape ``(N, num_class)``;
     ``forward(x, mask)`` with a bool ``(G, T', V)`` mask at feature resolution (``G`` in ``{1, N}``) returns

@@ -1,5 +1,6 @@
 """Distributed pretraining on the CPU with the gloo backend: two processes through torch.multiprocessing
-(the model-level checks) and through torchrun (the commands of the README's "Multi-GPU training" section)."""
+(the model-level checks) and through torchrun (the commands of the "Multi-GPU training" section of
+docs/TRAINING.md)."""
 import json
 import os
 import socket

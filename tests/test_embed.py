@@ -1,5 +1,6 @@
 """``python -m skelemix.embed`` and ``skelemix.load_encoder``: features of prepared data, raw files and PYSKL pickles,
-prepared as the encoder's training data was; the README's "Use a trained encoder" section, run as written."""
+prepared as the encoder's training data was; the "Use a trained encoder" section of docs/DOWNSTREAM.md, run as
+written."""
 import importlib
 import json
 import pickle
@@ -24,7 +25,7 @@ from skelemix.embed import main
 from skelemix.graph import NTU, NW_UCLA, Graph
 from test_layouts import HAVE_ONNX, ONNX_REASON, TINY, coco_pickle, layout_data
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+DOWNSTREAM = Path(__file__).resolve().parents[1] / "docs" / "DOWNSTREAM.md"
 SYNTHETIC = ["--set", "data.synthetic_train=16", "--set", "data.synthetic_val=8", "--set", "data.frames=16"]
 
 
@@ -294,15 +295,15 @@ def test_bad_inputs_end_in_one_line(checkpoint, tmp_path, capsys, monkeypatch):
         main(["--checkpoint", str(tmp_path / "none.pt"), "--data", "x", "--out", "o", "--debug"])
 
 
-# ----------------------------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------------- docs/DOWNSTREAM.md
 def _section_blocks(title):
-    """The fenced code blocks ``(language, text)`` of the README section ``## title``."""
-    text = README.read_text()
+    """The fenced code blocks ``(language, text)`` of the docs/DOWNSTREAM.md section ``## title``."""
+    text = DOWNSTREAM.read_text()
     section = text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```(\w+)\n(.*?)```", section, re.S)
 
 
-def test_the_readme_section_runs_as_written(tmp_path, monkeypatch):
+def test_the_downstream_page_runs_as_written(tmp_path, monkeypatch):
     """Every command and snippet of "Use a trained encoder", verbatim, on a tiny demo checkpoint."""
     if not HAVE_ONNX:
         pytest.skip(f"the section exports to ONNX: {ONNX_REASON}")
@@ -315,7 +316,7 @@ def test_the_readme_section_runs_as_written(tmp_path, monkeypatch):
     namespace = {}
     for lang, code in blocks:
         if lang == "python":
-            exec(compile(code, str(README), "exec"), namespace)
+            exec(compile(code, str(DOWNSTREAM), "exec"), namespace)
             continue
         for line in code.strip().splitlines():
             words = shlex.split(line)

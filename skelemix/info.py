@@ -90,9 +90,9 @@ def _check() -> int:
     for device in devices:
         auto = ("impl=auto probes each before its first use" if device in selfcheck.PROBED_DEVICE_TYPES else
                 "impl=auto uses them unprobed: CI tests the CPU kernels")
-        say("", f"self-check on {device} ({selfcheck.device_name(selfcheck._normal(device))}): each implementation "
-            "against the eager reference on random inputs, forward and backward, with the largest error relative to "
-            f"the largest value; {auto}", "", "| op | impl | " + " | ".join(names) + " |",
+        say("", f"self-check on {device} ({selfcheck.device_name(selfcheck.normal_device(device))}): each "
+            "implementation against the eager reference on random inputs, forward and backward, with the largest "
+            f"error relative to the largest value; {auto}", "", "| op | impl | " + " | ".join(names) + " |",
             "|---|---|" + "---|" * len(names))
         unavailable = {}
         for op in selfcheck.OPS:

@@ -343,10 +343,10 @@ def plot(grouped: list, top1: float, gain: float, path: Path) -> Path:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    from skelemix.viz import _figure, _save
+    from skelemix.plots import figure, save_figure
 
     colours = {True: "#2ca02c", False: "#d62728"}
-    fig = _figure(1.5 + 3.2 * len(grouped), 3.6)
+    fig = figure(1.5 + 3.2 * len(grouped), 3.6)
     axes = fig.subplots(1, len(grouped), sharey=True, squeeze=False)[0]
     for ax, (variant, runs) in zip(axes, grouped):
         ok = [r for r in runs if _ok(r)]
@@ -366,7 +366,7 @@ def plot(grouped: list, top1: float, gain: float, path: Path) -> Path:
                ["pretrained, escaped", "pretrained, not escaped", "random init",
                 f"escape: >= {top1:g}% and >= {gain:g} points above random init"],
                loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=2, fontsize=8, frameon=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import skelemix
-from skelemix import embed, train
+from skelemix import embed, embed_sources, train
 from skelemix.checkpoint import export_official
 from numpy.lib.format import open_memmap
 
@@ -141,7 +141,7 @@ def test_memory_stays_flat_as_the_input_grows(checkpoint, tmp_path):
     for n in (48, 384):
         write_synthetic(tmp_path / f"s{n}", 2, n, frames=16, seed=0)
         encoder = skelemix.load_encoder(checkpoint)
-        source = embed._prepared_source(encoder, str(tmp_path / f"s{n}"), "val")
+        source = embed_sources.prepared_source(encoder, str(tmp_path / f"s{n}"), "val")
         tracemalloc.start()
         embed.embed(encoder, source, tmp_path / f"e{n}", batch_size=16, progress=False)
         peaks[n] = tracemalloc.get_traced_memory()[1]
@@ -157,7 +157,7 @@ def test_memory_stays_flat_as_the_input_grows(checkpoint, tmp_path):
         del data
         np.save(root / "val_label.npy", np.zeros(n, np.int64))
         write_meta(root, dataset="test", layout="ntu-rgb+d", classes=["a"], frames=64, bodies=2, splits={"val": n})
-        source = embed._prepared_source(encoder, str(root), "val")
+        source = embed_sources.prepared_source(encoder, str(root), "val")
         before = _rss()
         embed.embed(encoder, source, tmp_path / f"e_b{n}", batch_size=64, progress=False)
     grown = _rss() - before

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .cli import short
+
 LAYOUT_DIR = Path(__file__).parent / "layouts"
 MAX_JOINTS = 1000
 MAX_LAYOUT_BYTES = 1 << 20  # a layout of MAX_JOINTS named joints takes about 100 KB
@@ -142,23 +144,50 @@ def _partition_problem(joints: list[int], names) -> str:
 
 
 def _parse(spec, source: str) -> Layout:
-    def fail(key, message):
-        raise LayoutError(f"{source}: {key}: {message}")
+    """The layout a file's mapping describes, each key checked in turn; a mistake names ``source`` and the key."""
+    _check_keys(spec, source)
+    name = spec["name"]
+    if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 100:
+        _fail(source, "name", f"expected a short printable name; got {short(name)}")
+    joints = _JointRefs(_joint_names(spec["joints"], source), source)
+    root = joints.one("center", spec["center"])
+    bones = _bones(spec["edges"], joints)
+    parts = spec["parts"]
+    body_parts = _body_parts(parts, joints)
+    origin = joints.many("origin", spec.get("origin", spec["center"]), allow_single=True)
+    x_axis = spec.get("x_axis")
+    if x_axis is not None:
+        if not isinstance(x_axis, list) or len(x_axis) != 2:
+            _fail(source, "x_axis", f"expected two joints [from, to]; got {short(x_axis)}")
+        x_axis = joints.many("x_axis", x_axis)
+    try:
+        return Layout(name, len(joints.names), tuple(bones), root, tuple(body_parts), tuple(parts),
+                      tuple(joints.names), origin, x_axis)
+    except LayoutError as err:
+        raise LayoutError(f"{source}: {err.detail}") from None
 
+
+def _fail(source: str, key, message: str):
+    raise LayoutError(f"{source}: {key}: {message}")
+
+
+def _check_keys(spec, source: str) -> None:
+    """A mapping with only known keys (the nearest one suggested) and every required one."""
     if not isinstance(spec, dict):
         raise LayoutError(f"{source}: expected a mapping with keys {', '.join(_KEYS)}; got {type(spec).__name__}")
     for key in spec:
         if key not in _KEYS:
             hint = difflib.get_close_matches(str(key), _KEYS, n=1)
-            fail(key if isinstance(key, str) and key.isprintable() else _short(key), "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else
-                                               f"; expected {', '.join(_KEYS)}"))
+            shown = key if isinstance(key, str) and key.isprintable() else short(key)
+            _fail(source, shown, "unknown key" + (f"; did you mean {hint[0]!r}?" if hint else
+                                                  f"; expected {', '.join(_KEYS)}"))
     for key in ("name", "joints", "center", "edges", "parts"):
         if key not in spec:
-            fail(key, "missing (a layout needs name, joints, center, edges and parts)")
-    name = spec["name"]
-    if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 100:
-        fail("name", f"expected a short printable name; got {_short(name)}")
-    joints = spec["joints"]
+            _fail(source, key, "missing (a layout needs name, joints, center, edges and parts)")
+
+
+def _joint_names(joints, source: str) -> list[str]:
+    """The joint names of the ``joints`` key: its list of names, or "0", "1", ... for a count."""
     if _is_int(joints):
         names = [str(j) for j in range(joints)] if 1 <= joints <= MAX_JOINTS else None
     elif isinstance(joints, list) and all(isinstance(j, str) and j.strip() and j.isprintable() for j in joints):
@@ -166,68 +195,67 @@ def _parse(spec, source: str) -> Layout:
     else:
         names = None
     if names is None:
-        fail("joints", f"expected a list of 1 to {MAX_JOINTS} joint names (or their count); got {_short(joints)}")
+        _fail(source, "joints", f"expected a list of 1 to {MAX_JOINTS} joint names (or their count); got "
+                                f"{short(joints)}")
     if len(set(names)) != len(names):
-        fail("joints", f"{next(j for j in names if names.count(j) > 1)!r} is named twice")
-    index = {j: i for i, j in enumerate(names)}
+        _fail(source, "joints", f"{next(j for j in names if names.count(j) > 1)!r} is named twice")
+    return names
 
-    def joint(key, ref) -> int:
-        if _is_int(ref) and 0 <= ref < len(names):
+
+class _JointRefs:
+    """The joints of a layout file: other keys refer to them by name or 0-based index."""
+
+    def __init__(self, names: list[str], source: str):
+        self.names, self.source = names, source
+        self.index = {j: i for i, j in enumerate(names)}
+
+    def one(self, key: str, ref) -> int:
+        """The index of the joint ``ref`` names (by name or index); a mistake names ``key``."""
+        if _is_int(ref) and 0 <= ref < len(self.names):
             return ref
-        if isinstance(ref, str) and ref in index:
-            return index[ref]
-        hint = difflib.get_close_matches(ref, names, n=1) if isinstance(ref, str) else []
-        fail(key, f"{_short(ref)} is not a joint of the layout (a name from 'joints' or an index 0.."
-                  f"{len(names) - 1})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
+        if isinstance(ref, str) and ref in self.index:
+            return self.index[ref]
+        hint = difflib.get_close_matches(ref, self.names, n=1) if isinstance(ref, str) else []
+        _fail(self.source, key, f"{short(ref)} is not a joint of the layout (a name from 'joints' or an index 0.."
+                                f"{len(self.names) - 1})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
 
-    def joint_list(key, refs, allow_single=False) -> tuple[int, ...]:
+    def many(self, key: str, refs, allow_single: bool = False) -> tuple[int, ...]:
+        """The indices of a non-empty list of distinct joints (or of one joint, with ``allow_single``)."""
         if allow_single and not isinstance(refs, list):
             refs = [refs]
         if not isinstance(refs, list) or not refs:
-            fail(key, f"expected a non-empty list of joints; got {_short(refs)}")
-        out = tuple(joint(f"{key}[{i}]", r) for i, r in enumerate(refs))
+            _fail(self.source, key, f"expected a non-empty list of joints; got {short(refs)}")
+        out = tuple(self.one(f"{key}[{i}]", r) for i, r in enumerate(refs))
         if len(set(out)) != len(out):
-            fail(key, "lists a joint twice")
+            _fail(self.source, key, "lists a joint twice")
         return out
 
-    root = joint("center", spec["center"])
-    edges = spec["edges"]
+
+def _bones(edges, joints: _JointRefs) -> list[tuple[int, int]]:
+    """The ``edges`` key as (child, parent) joint indices."""
     if not isinstance(edges, list):
-        fail("edges", f"expected a list of [child, parent] pairs; got {_short(edges)}")
+        _fail(joints.source, "edges", f"expected a list of [child, parent] pairs; got {short(edges)}")
     bones = []
     for k, edge in enumerate(edges):
         if not isinstance(edge, list) or len(edge) != 2:
-            fail(f"edges[{k}]", f"expected a [child, parent] pair; got {_short(edge)}")
-        bones.append((joint(f"edges[{k}][0]", edge[0]), joint(f"edges[{k}][1]", edge[1])))
-    parts = spec["parts"]
+            _fail(joints.source, f"edges[{k}]", f"expected a [child, parent] pair; got {short(edge)}")
+        bones.append((joints.one(f"edges[{k}][0]", edge[0]), joints.one(f"edges[{k}][1]", edge[1])))
+    return bones
+
+
+def _body_parts(parts, joints: _JointRefs) -> list[tuple[int, ...]]:
     if not isinstance(parts, dict) or not parts:
-        fail("parts", f"expected a mapping of part names to joint lists; got {_short(parts)}")
+        _fail(joints.source, "parts", f"expected a mapping of part names to joint lists; got {short(parts)}")
     body_parts = []
     for part, refs in parts.items():
         if not isinstance(part, str) or not part.strip() or not part.isprintable():
-            fail("parts", f"part names must be printable strings; got {_short(part)}")
-        body_parts.append(joint_list(f"parts.{part}", refs))
-    origin = joint_list("origin", spec.get("origin", spec["center"]), allow_single=True)
-    x_axis = spec.get("x_axis")
-    if x_axis is not None:
-        if not isinstance(x_axis, list) or len(x_axis) != 2:
-            fail("x_axis", f"expected two joints [from, to]; got {_short(x_axis)}")
-        x_axis = joint_list("x_axis", x_axis)
-    try:
-        return Layout(name, len(names), tuple(bones), root, tuple(body_parts), tuple(parts), tuple(names),
-                      origin, x_axis)
-    except LayoutError as err:
-        raise LayoutError(f"{source}: {err.detail}") from None
+            _fail(joints.source, "parts", f"part names must be printable strings; got {short(part)}")
+        body_parts.append(joints.many(f"parts.{part}", refs))
+    return body_parts
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _short(value) -> str:
-    from .cli import short
-
-    return short(value)
 
 
 def load_layout(path: str | os.PathLike) -> Layout:
@@ -279,13 +307,13 @@ def get_layout(layout: str | os.PathLike | dict | Layout) -> Layout:
         try:
             text = json.dumps(layout)
         except (TypeError, ValueError):
-            raise LayoutError(f"the layout: expected the mapping of a layout file; got {_short(layout)}") from None
+            raise LayoutError(f"the layout: expected the mapping of a layout file; got {short(layout)}") from None
         return _from_json(text)  # cached: called for every batch with the config's value
     if isinstance(layout, str) and layout in LAYOUTS:
         return LAYOUTS[layout]
     if isinstance(layout, (str, os.PathLike)) and (str(layout).endswith((".yaml", ".yml")) or Path(layout).is_file()):
         return load_layout(layout)
-    raise ValueError(f"layout must be one of {sorted(LAYOUTS)} or a layout YAML file; got {_short(layout)}")
+    raise ValueError(f"layout must be one of {sorted(LAYOUTS)} or a layout YAML file; got {short(layout)}")
 
 
 def _edge2mat(pairs, n):

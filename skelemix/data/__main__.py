@@ -71,12 +71,28 @@ def _layout(text: str) -> str:
                                      "layout .yaml file)")
 
 
-def main(argv=None) -> int:
+def _parser() -> _Parser:
     p = _Parser(prog="python -m skelemix.data", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_prepare(sub.add_parser("prepare", help="convert a raw dataset into prepared training arrays"))
 
-    prep = sub.add_parser("prepare", help="convert a raw dataset into prepared training arrays")
+    exp = sub.add_parser("export", help="write a prepared dataset in another format")
+    exp.add_argument("format", choices=("pyskl",))
+    exp.add_argument("--prepared", required=True, help="prepared dataset folder (with meta.json)")
+    exp.add_argument("--out", required=True, help="the .pkl file to write")
+
+    synth = sub.add_parser("synth", help="generated skeleton actions in the prepared-dataset format")
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--train", type=int, default=880)
+    synth.add_argument("--val", type=int, default=440)
+    synth.add_argument("--frames", type=_at_least_one, default=64)
+    synth.add_argument("--seed", type=int, default=0)
+    cli.add_debug_flag(p)
+    return p
+
+
+def _add_prepare(prep: argparse.ArgumentParser) -> None:
     prep.add_argument("dataset", choices=("ntu60", "ntu120", "pkummd", "nwucla", "pyskl"))
     prep.add_argument("--raw", required=True, nargs="+", help="raw data folder(s) (NTU: the .skeleton folders; "
                       "PKU-MMD: the folder holding the skeleton and label folders; NW-UCLA: the folder holding "
@@ -105,30 +121,24 @@ def main(argv=None) -> int:
     prep.add_argument("--force", action="store_true", help="redo benchmarks that are already prepared")
     prep.add_argument("--no-progress", action="store_true")
 
-    exp = sub.add_parser("export", help="write a prepared dataset in another format")
-    exp.add_argument("format", choices=("pyskl",))
-    exp.add_argument("--prepared", required=True, help="prepared dataset folder (with meta.json)")
-    exp.add_argument("--out", required=True, help="the .pkl file to write")
 
-    synth = sub.add_parser("synth", help="generated skeleton actions in the prepared-dataset format")
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--train", type=int, default=880)
-    synth.add_argument("--val", type=int, default=440)
-    synth.add_argument("--frames", type=_at_least_one, default=64)
-    synth.add_argument("--seed", type=int, default=0)
-    cli.add_debug_flag(p)
-    args = p.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            return _prepare(args)
-        if args.command == "export":
-            from .pyskl import export_pyskl
-            n = export_pyskl(args.prepared, args.out)
-            print(f"wrote {n} annotations to {args.out}")
-            return 0
-        write_synthetic(args.out, args.train, args.val, args.frames, args.seed)
-        print(f"wrote {args.train} train and {args.val} val sequences of {args.frames} frames to {args.out}")
+def _run(args) -> int:
+    if args.command == "prepare":
+        return _prepare(args)
+    if args.command == "export":
+        from .pyskl import export_pyskl
+        n = export_pyskl(args.prepared, args.out)
+        print(f"wrote {n} annotations to {args.out}")
         return 0
+    write_synthetic(args.out, args.train, args.val, args.frames, args.seed)
+    print(f"wrote {args.train} train and {args.val} val sequences of {args.frames} frames to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
     except BaseException as err:  # noqa: BLE001 - handle() re-raises everything but user errors and Ctrl-C
         skippable = getattr(err, "skippable", False)  # set on per-file errors that --skip-bad would skip
         return cli.handle(err, args.debug, exit_code=1,

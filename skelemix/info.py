@@ -8,16 +8,17 @@ makes from it. Exit status 1 when an implementation fails its check."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
+from dataclasses import dataclass
 
 import torch
 
-from . import cli
+from . import _extension, cli, selfcheck
+from .ops._impl import _AUTO_UNSUPPORTED, _usable, auto_candidates
 
 
 def _auto_choice(device: str) -> str:
-    from .ops._impl import auto_candidates
-
     names = auto_candidates(torch.device(device), ("eager", "cpp", "cuda", "triton"))
     # For an op that has every implementation; ops/<op>.py lists what each op has.
     if device == "cuda" and names[0] != "eager":
@@ -77,10 +78,8 @@ def _cell(value) -> str:
 def _check() -> int:
     """The self-check table of every device here, printed one op at a time (a run cut short keeps what it
     printed); 1 if any implementation failed."""
-    from . import _extension, selfcheck
-
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    dtypes = selfcheck.DTYPES
+    dtypes = DTYPES
     names = [str(d).replace("torch.", "") for d in dtypes]
     failures = []
 
@@ -96,7 +95,7 @@ def _check() -> int:
             "|---|---|" + "---|" * len(names))
         unavailable = {}
         for op in selfcheck.OPS:
-            rows, picks = selfcheck.check_op(op, device, dtypes)
+            rows, picks = check_op(op, device, dtypes)
             for row in rows:
                 say(f"| {op} | {row.impl} | " + " | ".join(_cell(row.cells[d]) for d in dtypes) + " |")
                 if row.why:
@@ -111,6 +110,55 @@ def _check() -> int:
     if failures:
         say("", "FAILED (a bug: please report it with this output):", *(f"  {f}" for f in failures))
     return 1 if failures else 0
+
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+IMPLS_ON = {"cpu": ("eager", "cpp", "triton"), "cuda": ("eager", "cuda", "triton")}  # what runs on each device
+
+
+@dataclass
+class Row:
+    """One (op, implementation) of :func:`check_op`: a cell per dtype (an :class:`Outcome`, or a string:
+    ``"reference"``, ``"unavailable"``, ``"unsupported"``), and why it is unavailable."""
+
+    op: str
+    impl: str
+    cells: dict
+    why: str = ""
+
+
+def check_op(op: str, device, dtypes=DTYPES) -> tuple[list[Row], dict[torch.dtype, str]]:
+    """Probe every implementation of ``op`` that can run on ``device`` (no cache), for ``python -m skelemix.info
+    --check``. Returns its rows and what ``impl="auto"`` picks per dtype given them: on a probed device the
+    first implementation that passed, elsewhere the first available (auto trusts it)."""
+    device = selfcheck.normal_device(device)
+    implementations = importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS
+    rows, passed = [], set()
+    for impl in IMPLS_ON[device.type]:
+        if impl not in implementations:
+            continue
+        if impl == "eager":
+            rows.append(Row(op, impl, {dtype: "reference" for dtype in dtypes}))
+        elif not _usable(impl, device):
+            rows.append(Row(op, impl, {dtype: "unavailable" for dtype in dtypes}, _extension.available(impl)[1]
+                            or f"triton runs on CUDA tensors (or on {device.type} ones under TRITON_INTERPRET=1)"))
+        else:
+            cells = {}
+            for dtype in dtypes:
+                if dtype in _AUTO_UNSUPPORTED.get(impl, ()):
+                    cells[dtype] = "unsupported"
+                    continue
+                cells[dtype] = selfcheck.probe(op, implementations[impl], device, dtype)
+                if cells[dtype].ok:
+                    passed.add((impl, dtype))
+            rows.append(Row(op, impl, cells))
+    picks = {}
+    for dtype in dtypes:
+        candidates = auto_candidates(device, implementations, dtype)
+        if device.type in selfcheck.PROBED_DEVICE_TYPES:
+            candidates = [name for name in candidates if name == "eager" or (name, dtype) in passed]
+        picks[dtype] = candidates[0]
+    return rows, picks
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ An explicit ``impl="cuda"`` or ``"triton"`` runs what was asked, without a probe
 :data:`PROBED_DEVICE_TYPES` says which devices are, and tests add ``"cpu"`` to exercise the machinery on the C++
 ops. A probe leaves every random number generator as it found it (torch CPU and CUDA, numpy, ``random``) and
 never runs inside a ``torch.compile`` trace or a CUDA graph capture: there an undecided implementation is not
-used (the eager reference is). A model is probed by its first eager call; :func:`prepare` does it ahead, e.g.
+used (the eager reference is). A model is probed by its first eager call; :func:`skelemix.ops.decide_auto` does it ahead, e.g.
 before ``torch.compile`` or a capture.
 """
 from __future__ import annotations
@@ -31,14 +31,13 @@ import platform
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from . import _extension
-from .parity import OPS, PROBE_VERSION, Outcome, normal_device, probe
+from .parity import OPS, PROBE_VERSION, Outcome, normal_device, probe  # noqa: F401 (OPS: the probed ops)
 
 PROBED_DEVICE_TYPES = {"cuda"}  # devices whose compiled kernels auto probes before first use
 CACHE_ENV = "SKELEMIX_CACHE_DIR"
@@ -134,11 +133,12 @@ def _probing_allowed(device: torch.device) -> bool:
     return _get_current_dispatch_mode() is None
 
 
-def trusted(op: str, impl: str, device: torch.device, dtype: torch.dtype | None, fn: Callable) -> bool:
+def trusted(op: str, impl: str, device: torch.device, dtype: torch.dtype | None, fn: Callable,
+            auto_order: Sequence[str] = ()) -> bool:
     """Whether ``impl="auto"`` may run ``fn``, ``op``'s implementation ``impl``, on ``device`` in ``dtype``:
     always for the reference and for devices not in :data:`PROBED_DEVICE_TYPES`, else after a passing probe
     (cached on disk). Called by :func:`skelemix.ops._impl.select` on every auto call: the decided case is one
-    dict lookup."""
+    dict lookup. ``auto_order``: what ``auto`` tries in turn on this device, named in the failure's warning."""
     if impl == "eager" or device.type not in PROBED_DEVICE_TYPES or dtype is None:
         return True
     decided = _DECIDED.get((op, impl, dtype, device))
@@ -146,10 +146,11 @@ def trusted(op: str, impl: str, device: torch.device, dtype: torch.dtype | None,
         return decided
     if not _probing_allowed(device):
         return False  # not recorded: the next eager call probes
-    return _decide(op, impl, normal_device(device), dtype, fn)
+    return _decide(op, impl, normal_device(device), dtype, fn, auto_order)
 
 
-def _decide(op: str, impl: str, device: torch.device, dtype: torch.dtype, fn: Callable) -> bool:
+def _decide(op: str, impl: str, device: torch.device, dtype: torch.dtype, fn: Callable,
+            auto_order: Sequence[str]) -> bool:
     key = _key(op, impl, device, dtype)
     if _cached_pass(key):
         ok = True
@@ -159,9 +160,7 @@ def _decide(op: str, impl: str, device: torch.device, dtype: torch.dtype, fn: Ca
         if ok:
             _remember_pass(key, outcome)
         else:
-            from .ops._impl import _AUTO_ORDER
-
-            order = ", then ".join(_AUTO_ORDER[device.type])
+            order = ", then ".join(auto_order)
             warnings.warn(
                 f"skelemix: the self-check of {op} impl={impl!r} ({key['dtype']} on {key['device']}) against the "
                 f"eager reference failed: {outcome.error}; impl='auto' falls through to the next implementation "
@@ -170,69 +169,7 @@ def _decide(op: str, impl: str, device: torch.device, dtype: torch.dtype, fn: Ca
     return ok
 
 
-def prepare(device, dtypes=(torch.float32,), ops=OPS) -> dict[tuple[str, torch.dtype], str]:
-    """Decide now what ``impl="auto"`` runs for each op and dtype on ``device`` (probing where needed), e.g.
-    before ``torch.compile`` or a CUDA graph capture. Returns ``{(op, dtype): implementation}``."""
-    from .ops._impl import choose
-
-    device = normal_device(device)
-    return {(op, dtype): choose(op, "auto", device, importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS,
-                                dtype)
-            for op in ops for dtype in dtypes}
-
-
 # ------------------------------------------------------------------------------- python -m skelemix.info --check
-
-
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-IMPLS_ON = {"cpu": ("eager", "cpp", "triton"), "cuda": ("eager", "cuda", "triton")}  # what runs on each device
-
-
-@dataclass
-class Row:
-    """One (op, implementation) of :func:`check_op`: a cell per dtype (an :class:`Outcome`, or a string:
-    ``"reference"``, ``"unavailable"``, ``"unsupported"``), and why it is unavailable."""
-
-    op: str
-    impl: str
-    cells: dict
-    why: str = ""
-
-
-def check_op(op: str, device, dtypes=DTYPES) -> tuple[list[Row], dict[torch.dtype, str]]:
-    """Probe every implementation of ``op`` that can run on ``device`` (no cache), for ``python -m skelemix.info
-    --check``. Returns its rows and what ``impl="auto"`` picks per dtype given them: on a probed device the
-    first implementation that passed, elsewhere the first available (auto trusts it)."""
-    from .ops._impl import _AUTO_UNSUPPORTED, _usable, auto_candidates
-
-    device = normal_device(device)
-    implementations = importlib.import_module(f"skelemix.ops.{op}")._IMPLEMENTATIONS
-    rows, passed = [], set()
-    for impl in IMPLS_ON[device.type]:
-        if impl not in implementations:
-            continue
-        if impl == "eager":
-            rows.append(Row(op, impl, {dtype: "reference" for dtype in dtypes}))
-        elif not _usable(impl, device):
-            rows.append(Row(op, impl, {dtype: "unavailable" for dtype in dtypes}, _extension.available(impl)[1]
-                            or f"triton runs on CUDA tensors (or on {device.type} ones under TRITON_INTERPRET=1)"))
-        else:
-            cells = {}
-            for dtype in dtypes:
-                if dtype in _AUTO_UNSUPPORTED.get(impl, ()):
-                    cells[dtype] = "unsupported"
-                    continue
-                cells[dtype] = probe(op, implementations[impl], device, dtype)
-                if cells[dtype].ok:
-                    passed.add((impl, dtype))
-            rows.append(Row(op, impl, cells))
-    picks = {}
-    for dtype in dtypes:
-        candidates = auto_candidates(device, implementations, dtype)
-        if device.type in PROBED_DEVICE_TYPES:
-            candidates = [name for name in candidates if name == "eager" or (name, dtype) in passed]
-        picks[dtype] = candidates[0]
-    return rows, picks
 
 
 def forget() -> None:

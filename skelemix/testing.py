@@ -1,8 +1,8 @@
 """The test kit shared by tests/ and bench/ (so the two never drift): which implementations run where, sample
 inputs, tolerances and the comparison rules, gradients, and the poisoned allocator.
 
-Importing it needs no pytest: :mod:`skelemix.selfcheck` takes its tolerances from here at run time; the functions
-that build pytest parameters import pytest when called.
+Importing it needs no pytest; the functions that build pytest parameters import pytest when called. The
+tolerances are those of the self-check's parity probe (:mod:`skelemix.parity`), so tests and ``impl=auto`` agree.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import _extension
+from .parity import OPS, TOLERANCES, tolerances  # noqa: F401 (the kit's, shared with the self-check)
 
-OPS = ("graph_conv", "mask_pool", "skelemix_gather", "bn_epilogue")
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # The compiled implementations and the devices they run on; Triton on CPU tensors runs in Triton's interpreter.
@@ -89,22 +89,6 @@ def compile_backend(impl: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- tolerances and rules
-
-# (rtol, atol) for comparing an implementation with the eager reference run in the same dtype. fp64 and fp32
-# leave room only for a different summation order. fp16/bf16 allow about two roundings of the result (the
-# reference rounds the sum and the mean separately; the kernels accumulate in fp32 and round once).
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (5e-3, 1e-3),
-    torch.bfloat16: (2e-2, 1e-2),
-}
-
-
-def tolerances(dtype: torch.dtype) -> tuple[float, float]:
-    """``(rtol, atol)`` for ``dtype``; see :data:`TOLERANCES`."""
-    return TOLERANCES[dtype]
-
 
 def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, name: str = "",
                         atol: float = 0.0) -> None:

@@ -60,7 +60,7 @@ def wrong_graph_conv(x, weight, bias, A):
 
 
 @pytest.mark.needs_impl("cpp")
-@pytest.mark.parametrize("dtype", selfcheck.DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", info.DTYPES, ids=str)
 @pytest.mark.parametrize("op", selfcheck.OPS)
 def test_cpp_ops_pass_their_probes_quickly(op, dtype):
     outcome = selfcheck.probe(op, implementations(op)["cpp"], "cpu", dtype)
@@ -246,10 +246,10 @@ def test_no_probe_inside_a_compile_trace(probed):
 
 @pytest.mark.needs_impl("cpp")
 def test_prepare_decides_every_op_ahead(probed):
-    chosen = selfcheck.prepare("cpu", (torch.float32, torch.bfloat16))
+    chosen = ops.decide_auto("cpu", (torch.float32, torch.bfloat16))
     assert chosen == {(op, dtype): "cpp" for op in selfcheck.OPS for dtype in (torch.float32, torch.bfloat16)}
     assert len(probed) == 8
-    selfcheck.prepare("cpu", (torch.float32,))
+    ops.decide_auto("cpu", (torch.float32,))
     assert len(probed) == 8
 
 
@@ -337,5 +337,5 @@ def test_cuda_and_triton_kernels_pass_their_probes(probed):
                                     f"{first.seconds:.2f} s)")
     assert seen and not failures, "\n".join(failures)
     assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
-    chosen = selfcheck.prepare("cuda", (torch.float32,))
+    chosen = ops.decide_auto("cuda", (torch.float32,))
     assert all(impl != "eager" for impl in chosen.values()), chosen

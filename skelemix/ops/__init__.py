@@ -5,7 +5,8 @@ from .graph_conv import graph_conv
 from .mask_pool import mask_pool
 from .skelemix_gather import skelemix_gather
 
-__all__ = ["IMPLS", "acc_dtype", "bn_epilogue", "check_impl", "check_impl_available", "graph_conv", "mask_pool", "skelemix_gather"]
+__all__ = ["IMPLS", "acc_dtype", "bn_epilogue", "check_impl", "check_impl_available", "decide_auto", "graph_conv",
+           "mask_pool", "skelemix_gather"]
 
 
 def check_impl_available(impl: str, device) -> None:
@@ -29,3 +30,20 @@ def check_impl_available(impl: str, device) -> None:
             problems.append(str(err))
     if problems:
         raise RuntimeError(f"impl={impl!r} cannot run the model here: " + "; ".join(problems))
+
+
+def decide_auto(device, dtypes=None, ops=None) -> dict:
+    """Decide now what ``impl="auto"`` runs for each op and dtype on ``device`` (probing where needed,
+    :mod:`skelemix.selfcheck`), e.g. before ``torch.compile`` or a CUDA graph capture. ``dtypes`` default to
+    float32, ``ops`` to every fused op. Returns ``{(op, dtype): implementation}``."""
+    import importlib
+
+    import torch
+
+    from .. import parity
+    from ._impl import choose
+
+    device = parity.normal_device(device)
+    return {(op, dtype): choose(op, "auto", device, importlib.import_module(f"{__name__}.{op}")._IMPLEMENTATIONS,
+                                dtype)
+            for op in (ops or parity.OPS) for dtype in (dtypes or (torch.float32,))}

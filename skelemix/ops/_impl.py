@@ -81,7 +81,8 @@ def choose(op: str, impl: str, device: torch.device, implementations: Mapping[st
     if impl == "auto":  # a plain loop that stops at the first usable name: torch.compile traces this
         for name in _AUTO_ORDER.get(device.type, ()):
             if (_auto_may_use(name, device, implementations, dtype)
-                    and selfcheck.trusted(op, name, device, dtype, implementations[name])):
+                    and selfcheck.trusted(op, name, device, dtype, implementations[name],
+                                          _AUTO_ORDER[device.type])):
                 return name
         return "eager"
     if impl not in implementations:

@@ -278,7 +278,7 @@ def test_torchrun_one_node_several_nodes_resume_and_evaluate(tmp_path):
     # One node, 2 processes; stops inside epoch 2 (after the distributed kNN monitor of epoch 1).
     text = _finish(_run(_torchrun() + ["--standalone", "--nproc_per_node=2"]
                         + _train_args(one_node, "--epochs", "2", "--max-steps", "3")))
-    assert "global batch 8 = 2 processes x 4; base lr 0.001 (optim.lr as given); BatchNorm per_rank" in text
+    assert "global batch 8 = 2 processes x 4; base lr 0.0003 (optim.lr as given); BatchNorm per_rank" in text
     assert text.count("stopped after 3 steps") == 1  # rank 0 only
     assert len(_records(one_node, "step")) == 3 and len(_records(one_node, "knn")) == 1
     ckpt = torch.load(one_node / "checkpoints/last.pt", weights_only=False)
@@ -350,7 +350,7 @@ def test_resume_with_another_global_batch_only_where_the_queue_allows(tmp_path, 
 def test_torchrun_with_synced_or_shuffled_batchnorm(tmp_path, bn):
     text = _finish(_run(_torchrun() + ["--standalone", "--nproc_per_node=2"]
                         + _train_args(tmp_path, "--max-steps", "2", "--set", f"dist.bn={bn}")))
-    assert f"global batch 8 = 2 processes x 4; base lr 0.001 (optim.lr as given); BatchNorm {bn}" in text
+    assert f"global batch 8 = 2 processes x 4; base lr 0.0003 (optim.lr as given); BatchNorm {bn}" in text
     steps = _records(tmp_path, "step")
     assert len(steps) == 2 and all(np.isfinite(r["loss"]) for r in steps)
     ckpt = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)

@@ -1,5 +1,10 @@
 """Fused ops with a selectable implementation (``impl="auto" | "eager" | "cpp" | "cuda" | "triton"``)."""
-from ._impl import IMPLS, check_impl
+import importlib
+
+import torch
+
+from .. import parity
+from ._impl import IMPLS, check_impl, choose, select
 from .bn_epilogue import acc_dtype, bn_epilogue
 from .graph_conv import graph_conv
 from .mask_pool import mask_pool
@@ -12,12 +17,6 @@ __all__ = ["IMPLS", "acc_dtype", "bn_epilogue", "check_impl", "check_impl_availa
 def check_impl_available(impl: str, device) -> None:
     """Raise a RuntimeError naming every fused op that cannot run with ``impl`` on ``device`` (a model built
     with an explicit impl uses all of them); ``auto`` always works."""
-    import importlib
-
-    import torch
-
-    from ._impl import select
-
     check_impl(impl)
     if impl == "auto":
         return
@@ -32,18 +31,11 @@ def check_impl_available(impl: str, device) -> None:
         raise RuntimeError(f"impl={impl!r} cannot run the model here: " + "; ".join(problems))
 
 
-def decide_auto(device, dtypes=None, ops=None) -> dict:
+def decide_auto(device, dtypes=(torch.float32,), ops=parity.OPS) -> dict:
     """Decide now what ``impl="auto"`` runs for each op and dtype on ``device`` (probing where needed,
-    :mod:`skelemix.selfcheck`), e.g. before ``torch.compile`` or a CUDA graph capture. ``dtypes`` default to
-    float32, ``ops`` to every fused op. Returns ``{(op, dtype): implementation}``."""
-    import importlib
-
-    import torch
-
-    from .. import parity
-    from ._impl import choose
-
+    :mod:`skelemix.selfcheck`), e.g. before ``torch.compile`` or a CUDA graph capture. Returns
+    ``{(op, dtype): implementation}``."""
     device = parity.normal_device(device)
     return {(op, dtype): choose(op, "auto", device, importlib.import_module(f"{__name__}.{op}")._IMPLEMENTATIONS,
                                 dtype)
-            for op in (ops or parity.OPS) for dtype in (dtypes or (torch.float32,))}
+            for op in ops for dtype in dtypes}

@@ -53,13 +53,6 @@ def keep_records_until(path: str | Path, global_step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("global_step", 0) <= global_step))
 
 
-def epoch_line(epoch: int, epochs: int, means: dict, lr: float, seconds: float) -> str:
-    """The line printed after each epoch: the mean loss and its parts, the lr and the epoch's seconds."""
-    part = {k: means.get(k, math.nan) for k in ("loss", "loss_ins", "loss_p", "loss_c")}
-    return (f"epoch {epoch}/{epochs}  loss {part['loss']:.4f}  (ins {part['loss_ins']:.3f}, p {part['loss_p']:.3f}, "
-            f"c {part['loss_c']:.3f})  lr {lr:g}  {seconds:.1f}s")
-
-
 class MetricsLog:
     """The ``metrics.jsonl`` and TensorBoard events (``tb/``) of a run in ``out``; only rank 0 writes (on the
     other ranks every call does nothing)."""
@@ -87,6 +80,19 @@ class MetricsLog:
             for key, value in record.items():
                 if key not in ("kind", "epoch", "global_step") and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"{record['kind']}/{key}", value, record.get("global_step", 0))
+
+    def end_epoch(self, epoch: int, epochs: int, global_step: int, lr: float, means: dict, seconds: float,
+                  knn: dict | None) -> str:
+        """Record an epoch's summary (the means of the logged values, the lr, its seconds) and its kNN monitor;
+        returns the line printed for it."""
+        self.write({"kind": "epoch", "epoch": epoch, "global_step": global_step, "lr": lr, **means, "seconds": seconds})
+        part = {k: means.get(k, math.nan) for k in ("loss", "loss_ins", "loss_p", "loss_c")}
+        line = (f"epoch {epoch}/{epochs}  loss {part['loss']:.4f}  (ins {part['loss_ins']:.3f}, p "
+                f"{part['loss_p']:.3f}, c {part['loss_c']:.3f})  lr {lr:g}  {seconds:.1f}s")
+        if knn is None:
+            return line
+        self.write({"kind": "knn", "epoch": epoch, "global_step": global_step, **knn})
+        return line + "  kNN " + " ".join(f"{k}={v:.1f}%" for k, v in knn.items())
 
     def close(self) -> None:
         if self.tb is not None:

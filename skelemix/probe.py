@@ -13,6 +13,8 @@ from torch.utils.data import Subset
 
 from . import distributed
 from .augment import pretrain_augment, to_view
+from .config import make_encoder
+from .models import init_weights
 
 
 @torch.no_grad()
@@ -211,3 +213,17 @@ def pretrained_vs_random_init(pretrained: nn.Module, random_init: nn.Module, loa
     calibrate_batchnorm(random_init, loader_of(train_set), device, view, layout)
     return standardised_linear({"pretrained": pretrained, "random init": random_init}, loader_of, train_set, val_set,
                                device, view, layout, train_set.num_classes, epochs, seed)
+
+
+def query_encoder_vs_random_init(model: nn.Module, config, loader_of, train_set, val_set, device) -> dict[str, dict]:
+    """:func:`pretrained_vs_random_init` of a pretraining model's query encoder (without its projection head)
+    and of the same architecture initialised from ``train.seed``."""
+    c = config
+    pretrained = make_encoder(c.model).to(device)
+    pretrained.load_state_dict({k[len("encoder_q."):]: v for k, v in model.state_dict().items()
+                                if k.startswith("encoder_q.") and not k.startswith("encoder_q.fc.")})
+    torch.manual_seed(c.train.seed)
+    random_init = make_encoder(c.model).to(device)
+    random_init.apply(init_weights)
+    return pretrained_vs_random_init(pretrained, random_init, loader_of, train_set, val_set, device, c.data.view,
+                                     c.model.layout, c.train.linear_epochs, c.train.seed)

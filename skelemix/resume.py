@@ -2,6 +2,7 @@
 checkpoint must hold, and the random streams and counters it restores."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,14 +73,41 @@ def check_batch_change(path: Path, ckpt: dict, batch_size: int) -> None:
     distributed.print0(f"note: the global batch changes from {old} to {batch_size} at this epoch boundary", flush=True)
 
 
-def epoch_progress(path: Path, ckpt: dict) -> tuple[dict[str, float], float]:
-    """The running sums of the logged values and the training seconds of the epoch the checkpoint stopped in."""
-    sums = ckpt.get("epoch_sums")
-    if sums is None and ckpt["step_in_epoch"]:
-        distributed.print0(f"note: {path} holds no running sums of epoch {ckpt['epoch'] + 1} (an older checkpoint): "
-                           "that epoch's summary averages only the steps after this resume", flush=True)
-    with reading_part(path, "epoch_sums"):
-        return {str(k): float(v) for k, v in (sums or {}).items()}, float(ckpt.get("epoch_seconds", 0.0))
+@dataclass
+class Position:
+    """Where a run stands, saved in every checkpoint under these field names: completed epochs, steps of the
+    current epoch, steps in all, and the current epoch's running sums of the logged values and its training
+    seconds so far, so that an epoch cut by a resume is summarised as if it had not been."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_seconds: float = 0.0
+
+    def add_step(self, parts: dict[str, float], epoch_seconds: float) -> None:
+        self.step_in_epoch += 1
+        self.global_step += 1
+        for k, v in parts.items():
+            self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
+        self.epoch_seconds = epoch_seconds
+
+    def end_epoch(self) -> tuple[dict[str, float], float]:
+        """The finished epoch's means of the logged values and its seconds; the position moves to the next."""
+        means = {k: v / max(self.step_in_epoch, 1) for k, v in self.epoch_sums.items()}
+        summary = means, self.epoch_seconds
+        self.epoch, self.step_in_epoch, self.epoch_sums, self.epoch_seconds = self.epoch + 1, 0, {}, 0.0
+        return summary
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, ckpt: dict) -> "Position":
+        sums = ckpt.get("epoch_sums")
+        if sums is None and ckpt["step_in_epoch"]:
+            distributed.print0(f"note: {path} holds no running sums of epoch {ckpt['epoch'] + 1} (an older "
+                               "checkpoint): that epoch's summary averages only the steps after this resume",
+                               flush=True)
+        with reading_part(path, "epoch_sums"):
+            return cls(*(ckpt[k] for k in POSITION), {str(k): float(v) for k, v in (sums or {}).items()},
+                       float(ckpt.get("epoch_seconds", 0.0)))
 
 
 def restore_rng(path: Path, ckpt: dict, generator: torch.Generator, seed: int, global_step: int) -> None:

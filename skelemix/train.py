@@ -24,6 +24,7 @@ import math
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,15 +34,14 @@ from . import cli, distributed, ops
 from .augment import apply_augment, draw_augment, to_view
 from .batches import TrainingData
 from .checkpoint import PRETRAIN_FORMAT, reading_part, remove_temporaries, save_checkpoint
-from .config import (Config, ConfigError, describe_batch_and_lr, describe_variant, list_configs, make_encoder,
+from .config import (Config, ConfigError, describe_batch_and_lr, describe_variant, list_configs,
                      make_pretrain_model, resolve_device, with_data_input)
 from .data.prepared import coordinates, recipe
 from .graphed import GraphedStep, tree_map
-from .metrics import MetricsLog, append_record, epoch_line, keep_records_until
-from .models import init_weights
+from .metrics import MetricsLog, append_record, keep_records_until
 from .optim import lr_at, make_optimizer, set_capturable, set_lr
-from .probe import knn_monitor, pretrained_vs_random_init
-from .resume import POSITION, check_batch_change, epoch_progress, read_resume_checkpoint, restore_rng, run_config
+from .probe import knn_monitor, query_encoder_vs_random_init
+from .resume import Position, check_batch_change, read_resume_checkpoint, restore_rng, run_config
 from .rng import rng_state, seed_all
 
 __all__ = ["GraphedStep", "Trainer", "lr_at", "main", "parse_args"]  # GraphedStep, lr_at: their old home
@@ -105,20 +105,15 @@ class Trainer:
         self.graphed = GraphedStep(self._forward, self.optimizer, self.device) if t.cuda_graph == "on" else None
         self.sync_free = self.graphed is not None
         self.metrics = MetricsLog(self.out, writer=self.rank == 0)
-        self.epoch = self.step_in_epoch = self.global_step = 0  # see resume.POSITION
-        # The current epoch's running sums of the logged loss parts and its training time so far: saved with
-        # the checkpoints, so that an epoch cut by a resume is summarised as if it had not been.
-        self.epoch_sums: dict[str, float] = {}
-        self.epoch_seconds = 0.0
+        self.position = Position()
 
     # ----------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """The checkpoint (a collective under torch.distributed: it gathers every rank's random states)."""
         rng = distributed.all_gather_object(rng_state(self.generator))
         return {"format": PRETRAIN_FORMAT, "config": self.config.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "rng": rng[0], "world_size": self.world, "rng_ranks": rng,
-                "epoch_sums": dict(self.epoch_sums), "epoch_seconds": self.epoch_seconds,
+                "optimizer": self.optimizer.state_dict(), **asdict(self.position), "rng": rng[0],
+                "world_size": self.world, "rng_ranks": rng,
                 "data_recipe": recipe(self.train_set.meta)}  # how new inputs are prepared for the encoder
 
     def save(self, name: str = "last.pt") -> Path:
@@ -137,13 +132,12 @@ class Trainer:
         with reading_part(path, "optimizer"):
             self.optimizer.load_state_dict(ckpt["optimizer"])
         set_capturable(self.optimizer, self.graphed is not None, self.device)
-        self.epoch, self.step_in_epoch, self.global_step = (ckpt[k] for k in POSITION)
-        self.epoch_sums, self.epoch_seconds = epoch_progress(path, ckpt)
+        self.position = Position.from_checkpoint(path, ckpt)
         if self.graphed is not None:  # a captured graph would still point at the replaced optimizer state
             self.graphed.reset()
-        restore_rng(path, ckpt, self.generator, self.config.train.seed, self.global_step)
+        restore_rng(path, ckpt, self.generator, self.config.train.seed, self.position.global_step)
         if self.rank == 0:  # records written after this checkpoint belong to steps that will be redone
-            keep_records_until(self.metrics.path, self.global_step)
+            keep_records_until(self.metrics.path, self.position.global_step)
 
     def leave_process_group(self):
         """Drop the DistributedDataParallel wrapper, then leave the process group (see distributed.cleanup)."""
@@ -151,9 +145,6 @@ class Trainer:
         distributed.cleanup()
 
     # ----------------------------------------------------------------------------------------- step
-    def _train_batches(self):
-        return self.data.batches()
-
     def _draws(self, shape) -> dict:
         """Every random draw of one step, made on the host from ``self.generator`` in the order the step uses
         them: the query's augmentation, the key's, then the SkeleMix partners and regions."""
@@ -177,24 +168,19 @@ class Trainer:
         draws = self._draws(x.shape)
         if self.graphed is not None:
             parts = self.graphed(x, draws)
-            self._check_finite(parts, " (train.cuda_graph=on checks after the replay: this step's update is applied)")
+            _check_finite(parts, self.position, " (train.cuda_graph=on checks after the replay: this step's update "
+                                                "is applied)")
             return parts
         out = self._forward(x, tree_map(lambda t: t.to(self.device, non_blocking=True), draws))
         # The logged values are means over the ranks (each rank's loss is the mean over its equal share), and
         # every rank sees them, so a non-finite loss on any rank stops all of them at the same step.
         parts = dict(zip(out, distributed.mean_over_ranks(torch.stack([v.detach().float() for v in out.values()]))
                          .tolist()))
-        self._check_finite(parts)
+        _check_finite(parts, self.position)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()
         return parts
-
-    def _check_finite(self, parts: dict, note: str = ""):
-        if not math.isfinite(parts["loss"]):
-            raise FloatingPointError(f"the loss became {parts['loss']} at step {self.global_step + 1} (epoch "
-                                     f"{self.epoch + 1}); stopping instead of training on garbage. Lower "
-                                     f"optim.lr or check the data for NaN/inf values{note}")
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self, max_steps: int | None = None) -> str:
@@ -203,17 +189,17 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
             remove_temporaries(self.out / "checkpoints")  # of saves killed mid-write
-        self.metrics.open(new_run=self.global_step == 0)
+        self.metrics.open(new_run=self.position.global_step == 0)
         try:
             with cli.ctrl_c_flag() as interrupted:
-                while self.epoch < self.config.train.epochs:
+                while self.position.epoch < self.config.train.epochs:
                     if not self._epoch(interrupted, max_steps):
                         self.save()
                         return "stopped"
         except KeyboardInterrupt:
             path = self.save()
             launcher = "torchrun ... " if self.world > 1 else "python "
-            distributed.print0(f"\ninterrupted at step {self.global_step}; saved {path}. Continue with: "
+            distributed.print0(f"\ninterrupted at step {self.position.global_step}; saved {path}. Continue with: "
                                f"{launcher}-m skelemix.train --config {self.out / 'config.yaml'} --resume", flush=True)
             return "interrupted"
         finally:
@@ -223,37 +209,26 @@ class Trainer:
     def _epoch(self, interrupted: threading.Event, max_steps: int | None) -> bool:
         """Train the rest of the current epoch, then summarise, monitor and save it; False when ``max_steps``
         stopped it first. Ctrl-C (on any rank) raises KeyboardInterrupt between steps."""
-        t, epoch = self.config.train, self.epoch + 1
-        lr = lr_at(self.config, epoch)
+        t, pos = self.config.train, self.position
+        epoch, lr = pos.epoch + 1, lr_at(self.config, pos.epoch + 1)
         set_lr(self.optimizer, lr)
-        self.sampler.set_epoch(epoch, self.step_in_epoch)  # resumes mid-epoch at the same batch
-        start = time.perf_counter() - self.epoch_seconds  # the epoch's time includes that before a resume
-        desc = f"epoch {epoch}/{t.epochs}"
-        with cli.StepProgress(self.steps_per_epoch, self.step_in_epoch, desc, self.progress) as bar:
-            for x in self._train_batches():
+        self.sampler.set_epoch(epoch, pos.step_in_epoch)  # resumes mid-epoch at the same batch
+        start = time.perf_counter() - pos.epoch_seconds  # the epoch's time includes that before a resume
+        with cli.StepProgress(self.steps_per_epoch, pos.step_in_epoch, f"epoch {epoch}/{t.epochs}",
+                              self.progress) as bar:
+            for x in self.data.batches():
                 if distributed.any_rank(interrupted.is_set(), self.device):
                     raise KeyboardInterrupt
-                if max_steps is not None and self.global_step >= max_steps:
+                if max_steps is not None and pos.global_step >= max_steps:
                     return False
                 parts = self.train_step(x)
-                self.step_in_epoch += 1
-                self.global_step += 1
-                for k, v in parts.items():
-                    self.epoch_sums[k] = self.epoch_sums.get(k, 0.0) + v
-                self.epoch_seconds = time.perf_counter() - start
-                self.metrics.write({"kind": "step", "epoch": epoch, "global_step": self.global_step, **parts})
+                pos.add_step(parts, time.perf_counter() - start)
+                self.metrics.write({"kind": "step", "epoch": epoch, "global_step": pos.global_step, **parts})
                 bar.step(parts["loss"], t.batch_size)
-        means = {k: v / max(self.step_in_epoch, 1) for k, v in self.epoch_sums.items()}
-        record = {"kind": "epoch", "epoch": epoch, "global_step": self.global_step, "lr": lr, **means,
-                  "seconds": self.epoch_seconds}
-        self.epoch, self.step_in_epoch, self.epoch_sums, self.epoch_seconds = epoch, 0, {}, 0.0
-        self.metrics.write(record)
-        line = epoch_line(epoch, t.epochs, means, lr, record["seconds"])
-        if t.knn_interval and (epoch % t.knn_interval == 0 or epoch == t.epochs):
-            knn = self.knn_monitor()
-            self.metrics.write({"kind": "knn", "epoch": epoch, "global_step": self.global_step, **knn})
-            line += "  kNN " + " ".join(f"{k}={v:.1f}%" for k, v in knn.items())
-        distributed.print0(line, flush=True)
+        means, seconds = pos.end_epoch()
+        knn = self.knn_monitor() if t.knn_interval and (epoch % t.knn_interval == 0 or epoch == t.epochs) else None
+        distributed.print0(self.metrics.end_epoch(epoch, t.epochs, pos.global_step, lr, means, seconds, knn),
+                           flush=True)
         self.save()
         if t.save_interval and epoch % t.save_interval == 0:
             self.save(f"epoch{epoch}.pt")
@@ -266,19 +241,12 @@ class Trainer:
                            lambda ds: self.data.loader(ds, batch_size=max(t.batch_size, 128)), self.device,
                            c.data.view, c.model.layout, t.knn_k, t.knn_t)
 
-    def linear_eval(self) -> dict:
-        """Linear accuracy (%) of the pretrained encoder_q and of the same architecture at random init (see
-        :func:`probe.pretrained_vs_random_init`)."""
-        c = self.config
-        pretrained = make_encoder(c.model).to(self.device)
-        pretrained.load_state_dict({k[len("encoder_q."):]: v for k, v in self.model.state_dict().items()
-                                    if k.startswith("encoder_q.") and not k.startswith("encoder_q.fc.")})
-        torch.manual_seed(c.train.seed)
-        random_init = make_encoder(c.model).to(self.device)
-        random_init.apply(init_weights)
-        return pretrained_vs_random_init(pretrained, random_init, lambda ds: self.data.loader(ds, batch_size=128),
-                                         self.train_set, self.val_set, self.device, c.data.view, c.model.layout,
-                                         c.train.linear_epochs, c.train.seed)
+
+def _check_finite(parts: dict, pos: Position, note: str = ""):
+    if not math.isfinite(parts["loss"]):
+        raise FloatingPointError(f"the loss became {parts['loss']} at step {pos.global_step + 1} (epoch "
+                                 f"{pos.epoch + 1}); stopping instead of training on garbage. Lower "
+                                 f"optim.lr or check the data for NaN/inf values{note}")
 
 
 # --------------------------------------------------------------------------------------------- set-up
@@ -338,8 +306,9 @@ def _pretrain(args) -> int:
     trainer = Trainer(config, progress=not args.no_progress)
     if resume is not None:
         trainer.load(resume)
-        distributed.print0(f"resumed from {resume}: epoch {trainer.epoch}, step {trainer.global_step}", flush=True)
-        if trainer.epoch >= config.train.epochs:
+        pos = trainer.position
+        distributed.print0(f"resumed from {resume}: epoch {pos.epoch}, step {pos.global_step}", flush=True)
+        if pos.epoch >= config.train.epochs:
             distributed.print0(f"note: {resume} has finished all {config.train.epochs} epochs: nothing to train "
                                "(pass a larger --epochs to train on)", flush=True)
     distributed.print0(_start_line(trainer), flush=True)
@@ -351,7 +320,7 @@ def _pretrain(args) -> int:
     if trainer.rank != 0:
         return 0
     if status == "stopped":
-        print(f"stopped after {trainer.global_step} steps (--max-steps); continue with --resume", flush=True)
+        print(f"stopped after {trainer.position.global_step} steps (--max-steps); continue with --resume", flush=True)
         return 0
     _report(trainer, time.perf_counter() - start)
     return 0
@@ -375,18 +344,21 @@ def _report(trainer: Trainer, elapsed: float) -> None:
     out, metrics = trainer.out, trainer.metrics.path  # absent when a finished checkpoint went into a new --out
     plots = plot_curves(metrics, out) if metrics.is_file() else []
     wrote = [p.name for p in plots] + (["checkpoints"] if (out / "checkpoints" / "last.pt").is_file() else [])
-    print(f"pretraining done in {elapsed:.0f}s ({trainer.global_step} steps); wrote {', '.join(wrote) or 'nothing'} in "
-          f"{out}", flush=True)
+    print(f"pretraining done in {elapsed:.0f}s ({trainer.position.global_step} steps); wrote "
+          f"{', '.join(wrote) or 'nothing'} in {out}", flush=True)
     if not trainer.config.train.final_linear_eval:
         return
-    results, classes = trainer.linear_eval(), trainer.train_set.num_classes
+    results = query_encoder_vs_random_init(trainer.model, trainer.config,
+                                           lambda ds: trainer.data.loader(ds, batch_size=128), trainer.train_set,
+                                           trainer.val_set, trainer.device)
+    classes = trainer.train_set.num_classes
     print(f"\nlinear evaluation on {len(trainer.val_set)} held-out sequences ({classes} classes, chance "
           f"{100 / classes:.1f}%):")
     for name, r in results.items():
         print(f"  {name:<12} top-1 {r['last']:5.1f}%")
     gain = results["pretrained"]["last"] - results["random init"]["last"]
     print(f"  {describe_variant(trainer.config)} pretraining gain over random init: {gain:+.1f} points")
-    append_record(metrics, {"kind": "linear", "global_step": trainer.global_step,
+    append_record(metrics, {"kind": "linear", "global_step": trainer.position.global_step,
                             **{k: v["last"] for k, v in results.items()}})
 
 

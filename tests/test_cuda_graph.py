@@ -31,7 +31,7 @@ def _batches(trainer, steps):
     trainer.sampler.set_epoch(1, 0)
     out = []
     while len(out) < steps:
-        out += list(trainer._train_batches())
+        out += list(trainer.data.batches())
     return out[:steps]
 
 

@@ -132,7 +132,7 @@ def test_ctrl_c_saves_and_resume_finishes_the_run(straight, tmp_path, monkeypatc
 
     def step_then_ctrl_c(self, x):
         out = original(self, x)
-        if self.global_step == 2:  # this call is step 3: the user presses Ctrl-C during it
+        if self.position.global_step == 2:  # this call is step 3: the user presses Ctrl-C during it
             signal.raise_signal(signal.SIGINT)
         return out
 

@@ -2,7 +2,8 @@
 (query + 3 mixed batches through the query encoder, the key through the momentum encoder, SGD update) for
 every combination of the switches a user has (the step matrix):
 
-- impl: ``eager`` (the reference ops), ``compile`` (``torch.compile`` of both encoders around them), the
+- impl: ``official-style`` (the eager encoder and the mixing laid out as the official code is:
+  :mod:`bench.official_style`; modules, float32, no graph only), ``eager`` (the reference ops), ``compile`` (``torch.compile`` of both encoders around them), the
   compiled ops (``cuda``; ``cpp`` on a CPU) and ``triton``;
 - epilogue: ``modules`` (BatchNorm, dropout, add, ReLU) or ``fused`` (``bn_epilogue``; ``model.epilogue``);
 - amp: ``none`` or ``bf16`` (``train.amp``);
@@ -19,6 +20,7 @@ import torch
 
 from bench.common import (BATCH, COMPILE_BACKEND, DEVICE, MODEL_OVERRIDES, json_path, measure, payload,
                           release_memory, skip_unless_provider)
+from bench.official_style import OfficialModel, official_style_pretrain_model
 from bench.report import write_steps
 from skelemix.augment import apply_augment, draw_augment, pretrain_augment
 from skelemix.config import load_config, make_encoder, make_pretrain_model
@@ -41,8 +43,9 @@ def _value_order(row: tuple[str, str, str, str]) -> tuple:
     return (1, switches, impl != KERNELS)
 
 
-MATRIX = sorted(itertools.product(("eager", "compile", KERNELS, "triton"), ("modules", "fused"), ("none", "bf16"),
-                                  ("off", "on")), key=_value_order)
+OFFICIAL = ("official-style", "modules", "none", "off")
+MATRIX = [OFFICIAL] + sorted(itertools.product(("eager", "compile", KERNELS, "triton"), ("modules", "fused"),
+                                               ("none", "bf16"), ("off", "on")), key=_value_order)
 
 
 def encoder_cost(model, batch: int, frames: int, backward: bool = True) -> tuple[float, float]:
@@ -64,10 +67,10 @@ def encoder_cost(model, batch: int, frames: int, backward: bool = True) -> tuple
 
 
 def _impl_of(provider):
-    return "eager" if provider in ("eager", "compile") else provider
+    return "eager" if provider in ("eager", "compile", "official-style") else provider
 
 
-@pytest.mark.parametrize("provider", ["eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
+@pytest.mark.parametrize("provider", ["official-style", "eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
                                       "triton+fused"])
 def test_encoder_fwd_bwd(benchmark, provider):
     impl, _, variant = provider.partition("+")  # "+fused": the fused block epilogue (model.epilogue=fused)
@@ -76,10 +79,13 @@ def test_encoder_fwd_bwd(benchmark, provider):
     encoder = make_encoder(config.model, num_class=128, impl=_impl_of(impl)).to(DEVICE)
     encoder.fused_epilogue = variant == "fused"
     run = torch.compile(encoder, backend=COMPILE_BACKEND) if provider == "compile" else encoder
+    if provider == "official-style":
+        m = config.model
+        run = OfficialModel(encoder.A, m.hidden_channels, m.hidden_dim, 128, dropout=m.dropout).to(DEVICE)
     x = torch.randn(BATCH, 3, T, V, M, device=DEVICE)
 
     def step():
-        encoder.zero_grad(set_to_none=True)
+        run.zero_grad(set_to_none=True)
         run(x).square().mean().backward()
 
     flops, traffic = encoder_cost(encoder, BATCH, T)
@@ -95,7 +101,7 @@ def test_training_step(benchmark, row):
     if graph == "on" and DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
     config = load_config("paper.yaml", MODEL_OVERRIDES + [f"model.impl={_impl_of(impl)}", f"model.epilogue={epilogue}"])
-    model = make_pretrain_model(config).to(DEVICE)
+    model = (official_style_pretrain_model if impl == "official-style" else make_pretrain_model)(config).to(DEVICE)
     if impl == "compile":
         model.encoder_q = torch.compile(model.encoder_q, backend=COMPILE_BACKEND)
         model.encoder_k = torch.compile(model.encoder_k, backend=COMPILE_BACKEND)
@@ -126,7 +132,7 @@ def test_training_step(benchmark, row):
         draws = {v: draw_augment(x.shape, config.data.shear, config.data.temporal_ratio, generator) for v in ("q", "k")}
         graphed(x, {**draws, "mix": model.draw_mixes(x.shape, generator)})
 
-    enc = model.encoder_q
+    enc = make_encoder(config.model)  # the architecture (the official-style model has its own module names)
     fb_flops, fb_bytes = encoder_cost(enc, BATCH, T)
     f_flops, f_bytes = encoder_cost(enc, BATCH, T, backward=False)
     # The floor's bytes count float32 activations; bf16 ones are half.

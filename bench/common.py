@@ -70,7 +70,7 @@ def skip_unless_provider(provider: str, op: str | None = None) -> None:
         if os.environ.get("SKELEMIX_BENCH_COMPILE", "1") == "0":
             pytest.skip("SKELEMIX_BENCH_COMPILE=0")
         return
-    if provider == "eager":
+    if provider in ("eager", "official-style"):
         return
     if provider == "triton" and DEVICE.type != "cuda":
         pytest.skip("Triton benchmarks need a GPU (the CPU interpreter is for correctness only)")

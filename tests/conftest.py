@@ -23,6 +23,9 @@ if not torch.cuda.is_available():
 
 # Prepared datasets shared between checkouts: the data folder inside the "shared" folder beside this repository.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# bench/ (the sweep tool, the official-style model) is not installed: appended, so an installed skelemix still
+# comes first.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 SEED = 0
 # Tests use tiny tensors: one thread is faster and does not slow to a crawl when the machine is busy.
 torch.set_num_threads(1)

@@ -78,9 +78,10 @@ def bench_module(name):
 def test_step_matrix_covers_every_switch_most_useful_first():
     bench_model = bench_module("bench_model")
     rows = bench_model.MATRIX
-    assert len(rows) == len(set(rows)) == 4 * 2 * 2 * 2
-    assert rows[0] == ("eager", "modules", "none", "off")  # the baseline
-    assert rows[1] == (bench_model.KERNELS, "modules", "none", "off")  # what impl=auto runs
+    assert len(rows) == len(set(rows)) == 1 + 4 * 2 * 2 * 2
+    assert rows[0] == ("official-style", "modules", "none", "off")  # what users would otherwise run
+    assert rows[1] == ("eager", "modules", "none", "off")  # the baseline
+    assert rows[2] == (bench_model.KERNELS, "modules", "none", "off")  # what impl=auto runs
     compile_rows = [i for i, row in enumerate(rows) if row[0] == "compile"]
     assert compile_rows == list(range(len(rows) - 8, len(rows)))  # last: each is a cold compile
     assert rows[compile_rows[0]] == ("compile", "modules", "none", "off")  # the compile baseline first among them
@@ -105,6 +106,7 @@ def test_step_matrix_table():
          "dtype": "float32", "bytes": 0, "flops": 40e12},
         {"group": "machine/matmul-bfloat16", "provider": "eager", "median_s": 1.0, "min_s": 1.0, "shapes": {},
          "dtype": "bfloat16", "flops": 400e12, "bytes": 0},
+        row("official-style", "modules", "none", "off", 0.5),
         row("eager", "modules", "none", "off", 0.4, 8 * 2**30),
         row("cuda", "fused", "bf16", "on", 0.05, 3 * 2**30),
         {"group": report.STEP_GROUP, "provider": "triton-fused-bf16-on", "error": "RuntimeError: boom",
@@ -112,10 +114,10 @@ def test_step_matrix_table():
         row("compile", "modules", "none", "off", 0.2),
     ]
     text = report.format_steps({"environment": env, "results": results})
-    # 128 samples / 0.05 s; 0.4 / 0.05 = 8x eager, 0.2 / 0.05 = 4x compile; floor 4e12 / 400e12 (bf16) = 10 ms,
-    # for float32 rows 4e12 / 40e12 = 100 ms.
-    assert "| cuda | fused | bf16 | on | 50.0 | 2560 | 8.00x | 4.00x | 3.00 | 5.0x floor |" in text
-    assert "| eager | modules | none | off | 400.0 | 320 | 1.00x | 0.50x | 8.00 | 4.0x floor |" in text
+    # 128 samples / 0.05 s; 0.5 / 0.05 = 10x official-style, 0.4 / 0.05 = 8x eager, 0.2 / 0.05 = 4x compile; floor
+    # 4e12 / 400e12 (bf16) = 10 ms, for float32 rows 4e12 / 40e12 = 100 ms.
+    assert "| cuda | fused | bf16 | on | 50.0 | 2560 | 10.00x | 8.00x | 4.00x | 3.00 | 5.0x floor |" in text
+    assert "| eager | modules | none | off | 400.0 | 320 | 1.25x | 1.00x | 0.50x | 8.00 | 4.0x floor |" in text
     assert "| triton | fused | bf16 | on | failed: RuntimeError: boom |" in text
     full = report.format_tables({"environment": env, "results": results})
     assert text in full and "**model/SkeleMixCLR+ step**" not in full  # not twice
@@ -130,3 +132,43 @@ def test_gpu_parity_reports_each_case_as_it_finishes():
 
     cases = bench_module("gpu_parity").check("mask_pool", "cpp", torch.float32, "cpu")
     assert next(cases).startswith("ok   mask_pool impl=cpp float32 ")  # one case done, the others not yet run
+
+
+def test_official_style_swap_pastes_the_partners_region():
+    """bench/official_style.py's per-call ske_swap: inside the (4-frame block x body part) region every value is
+    the partner's, outside it the sample's own; the feature mask marks exactly that region."""
+    import torch
+
+    from bench.official_style import OfficialStyleSwap
+
+    parts = [[0, 1], [2, 3, 4], [5]]
+    swap = OfficialStyleSwap(parts, (1, 2), (1, 2), block=4)
+    x = torch.randn(5, 3, 16, 6, 2)
+    for _ in range(20):
+        mb = swap.swap(x)
+        region = mb.mask.repeat_interleave(4, 0)[None, None, :, :, None].expand_as(x)  # (T', V) -> frames
+        assert torch.equal(mb.x[region], x[mb.partner][region]) and torch.equal(mb.x[~region], x[~region])
+        assert (mb.partner != torch.arange(5)).all() and mb.mask.any()
+        joints, blocks = set(mb.mask.any(0).nonzero().flatten().tolist()), mb.mask.any(1).nonzero().flatten()
+        taken = [p for p in parts if set(p) <= joints]
+        assert 1 <= len(taken) <= 2 and joints == set(sum(taken, []))  # whole body parts, 1 or 2 of them
+        assert 1 <= len(blocks) <= 2 and blocks.tolist() == list(range(blocks[0], blocks[-1] + 1))  # one time span
+        assert torch.equal(mb.mask, mb.mask.any(1)[:, None] & mb.mask.any(0)[None, :])  # their product
+
+
+def test_official_style_step_runs_skelemix_objective():
+    """The official-style provider's model trains with skelemix's objective: a finite loss with every part."""
+    import torch
+
+    from bench.official_style import OfficialModel, official_style_pretrain_model
+    from skelemix.config import build_config
+
+    config = build_config({}, ["model.hidden_channels=4", "model.hidden_dim=16", "model.feature_dim=8",
+                               "model.queue_size=16", "model.swap_params=[[2,3,2,3,2,1.0]]", "data.frames=16",
+                               "train.batch_size=4"])
+    model = official_style_pretrain_model(config)
+    assert isinstance(model.encoder_q, OfficialModel) and isinstance(model.encoder_k, OfficialModel)
+    out = model(torch.randn(4, 3, 16, 25, 2), torch.randn(4, 3, 16, 25, 2))
+    out["loss"].backward()
+    assert all(torch.isfinite(out[k]) for k in ("loss", "loss_ins", "loss_p", "loss_c"))
+    assert all(p.grad is not None for p in model.encoder_q.parameters())

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from official_stgcn import OfficialModel
+from bench.official_style import OfficialModel  # on the path through conftest.py
 from skelemix.checkpoint import (CheckpointError, export_official, load_checkpoint, load_official, reading_part,
                                  remove_temporaries, require_parts, save_checkpoint)
 from skelemix.models import STGCN, SkeleMixCLR

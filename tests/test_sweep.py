@@ -9,12 +9,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if not (REPO / "bench").is_dir():
-    pytest.skip("needs the source tree (bench/)", allow_module_level=True)
-sys.path.append(str(REPO))  # bench/ is not installed; appended, so an installed skelemix still comes first
-from bench import sweep  # noqa: E402
-from bench.sweep import SweepError, fisher_exact, mann_whitney, parse_sets, split_values, variants  # noqa: E402
+from bench import sweep  # on the path through conftest.py
+from bench.sweep import SweepError, fisher_exact, mann_whitney, parse_sets, split_values, variants
 
 from test_train import TINY  # noqa: E402
 

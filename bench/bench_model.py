@@ -7,7 +7,10 @@ every combination of the switches a user has (the step matrix):
   compiled ops (``cuda``; ``cpp`` on a CPU) and ``triton``;
 - epilogue: ``modules`` (BatchNorm, dropout, add, ReLU) or ``fused`` (``bn_epilogue``; ``model.epilogue``);
 - amp: ``none`` or ``bf16`` (``train.amp``);
-- CUDA graph: ``off`` or ``on`` (the step's device work replayed as one graph; ``train.cuda_graph``).
+- CUDA graph: ``off`` or ``on`` (the step's device work replayed as one graph; ``train.cuda_graph``);
+- layout of the activations: ``contiguous`` (what the package runs) or ``channels_last`` (the encoder's
+  convolution weights and every block's input in ``torch.channels_last``; the fused ops accept any strides),
+  for the plain and fused eager, compiled-op and Triton rows without a graph. Row ids name only the latter.
 
 Rows run most useful first (:data:`MATRIX`), so a run cut short keeps them; the compile rows come last (each
 is a cold Inductor compile). Each row records the median step, samples/s and the peak of allocated GPU
@@ -31,21 +34,39 @@ KERNELS = "cuda" if DEVICE.type == "cuda" else "cpp"  # the compiled ops of this
 STEP_GROUP = "model/SkeleMixCLR+ step"
 
 
-def _value_order(row: tuple[str, str, str, str]) -> tuple:
+def _value_order(row: tuple[str, str, str, str, str]) -> tuple:
     """Most useful first: the eager baseline; the compiled ops and Triton, plain, then fused, bf16, and with a
-    CUDA graph; eager's other combinations; compile last (cold compiles), plain first."""
-    impl, epilogue, amp, graph = row
+    CUDA graph; eager's other combinations; the channels-last rows; compile last (cold compiles), plain first."""
+    impl, epilogue, amp, graph, layout = row
     switches = (graph == "on", amp == "bf16", epilogue == "fused")
     if impl == "compile":
-        return (3, switches)
+        return (4, switches)
+    if layout == "channels_last":
+        return (3, (amp == "none", epilogue == "modules"), impl != KERNELS)
     if impl == "eager":
         return (0 if not any(switches) else 2, switches)
     return (1, switches, impl != KERNELS)
 
 
-OFFICIAL = ("official-style", "modules", "none", "off")
-MATRIX = [OFFICIAL] + sorted(itertools.product(("eager", "compile", KERNELS, "triton"), ("modules", "fused"),
-                                               ("none", "bf16"), ("off", "on")), key=_value_order)
+OFFICIAL = ("official-style", "modules", "none", "off", "contiguous")
+MATRIX = [OFFICIAL] + sorted(
+    list(itertools.product(("eager", "compile", KERNELS, "triton"), ("modules", "fused"), ("none", "bf16"),
+                           ("off", "on"), ("contiguous",)))
+    + list(itertools.product(("eager", KERNELS, "triton"), ("modules", "fused"), ("none", "bf16"), ("off",),
+                             ("channels_last",))), key=_value_order)
+
+
+def row_id(row: tuple[str, str, str, str, str]) -> str:
+    return "-".join(row[:4] if row[4] == "contiguous" else row)
+
+
+def to_channels_last(encoder: torch.nn.Module) -> torch.nn.Module:
+    """``encoder`` with its convolution weights, and every block's input, in ``torch.channels_last``."""
+    encoder.to(memory_format=torch.channels_last)
+    for block in encoder.blocks:
+        block.register_forward_pre_hook(
+            lambda module, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    return encoder
 
 
 def encoder_cost(model, batch: int, frames: int, backward: bool = True) -> tuple[float, float]:
@@ -70,14 +91,17 @@ def _impl_of(provider):
     return "eager" if provider in ("eager", "compile", "official-style") else provider
 
 
-@pytest.mark.parametrize("provider", ["official-style", "eager", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
-                                      "triton+fused"])
+@pytest.mark.parametrize("provider", [
+    "official-style", "eager", "eager+channels_last", "compile", "cpp", "cuda", "triton", "cpp+fused", "cuda+fused",
+    "triton+fused", "cpp+fused+channels_last", "cuda+fused+channels_last", "triton+fused+channels_last"])
 def test_encoder_fwd_bwd(benchmark, provider):
-    impl, _, variant = provider.partition("+")  # "+fused": the fused block epilogue (model.epilogue=fused)
+    impl, *variants = provider.split("+")  # "+fused": the fused block epilogue (model.epilogue=fused)
     skip_unless_provider(impl)
     config = load_config("paper.yaml", MODEL_OVERRIDES)
     encoder = make_encoder(config.model, num_class=128, impl=_impl_of(impl)).to(DEVICE)
-    encoder.fused_epilogue = variant == "fused"
+    encoder.fused_epilogue = "fused" in variants
+    if "channels_last" in variants:
+        to_channels_last(encoder)
     run = torch.compile(encoder, backend=COMPILE_BACKEND) if provider == "compile" else encoder
     if provider == "official-style":
         m = config.model
@@ -93,15 +117,17 @@ def test_encoder_fwd_bwd(benchmark, provider):
             shapes={"x": list(x.shape), "hidden": [16, 256]}, bytes=traffic, flops=flops)
 
 
-@pytest.mark.parametrize("row", MATRIX, ids=["-".join(row) for row in MATRIX])
+@pytest.mark.parametrize("row", MATRIX, ids=[row_id(row) for row in MATRIX])
 def test_training_step(benchmark, row):
-    impl, epilogue, amp, graph = row
+    impl, epilogue, amp, graph, layout = row
     release_memory()
     skip_unless_provider(impl)
     if graph == "on" and DEVICE.type != "cuda":
         pytest.skip("CUDA graphs need a GPU")
     config = load_config("paper.yaml", MODEL_OVERRIDES + [f"model.impl={_impl_of(impl)}", f"model.epilogue={epilogue}"])
     model = (official_style_pretrain_model if impl == "official-style" else make_pretrain_model)(config).to(DEVICE)
+    if layout == "channels_last":
+        model.encoder_q, model.encoder_k = to_channels_last(model.encoder_q), to_channels_last(model.encoder_k)
     if impl == "compile":
         model.encoder_q = torch.compile(model.encoder_q, backend=COMPILE_BACKEND)
         model.encoder_k = torch.compile(model.encoder_k, backend=COMPILE_BACKEND)
@@ -137,16 +163,16 @@ def test_training_step(benchmark, row):
     f_flops, f_bytes = encoder_cost(enc, BATCH, T, backward=False)
     # The floor's bytes count float32 activations; bf16 ones are half.
     traffic = ((1 + repeats) * fb_bytes + f_bytes) * (0.5 if amp == "bf16" else 1.0)
-    variant = dict(impl=impl, epilogue=epilogue, amp=amp, graph=graph)
+    variant = dict(impl=impl, epilogue=epilogue, amp=amp, graph=graph, layout=layout)
     try:
         measure(benchmark, graphed_step if graphed is not None else eager_step, group=STEP_GROUP,
-                provider="-".join(row), dtype=torch.bfloat16 if amp == "bf16" else torch.float32,
+                provider=row_id(row), dtype=torch.bfloat16 if amp == "bf16" else torch.float32,
                 shapes={"x": list(x.shape), "mixes": repeats, "queue": config.model.queue_size},
                 flops=(1 + repeats) * fb_flops + f_flops, bytes=traffic, extra={"variant": variant})
     except Exception as err:  # noqa: BLE001 - the table says which row broke, then the test fails
         from bench import common
 
-        common.RESULTS.append({"group": STEP_GROUP, "provider": "-".join(row), "variant": variant,
+        common.RESULTS.append({"group": STEP_GROUP, "provider": row_id(row), "variant": variant,
                                "error": f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"})
         raise
     finally:

@@ -2,10 +2,10 @@
 
     python -m bench.report .benchmarks/skelemix-latest.json [--markdown OUT.md] [--png OUT.png]
 
-The SkeleMixCLR+ step matrix (bench_model.py) comes first, one row per combination of impl, epilogue, amp and
-CUDA graph: step time, samples/s, the ratio to the official-style step (bench/official_style.py), to the eager
-and to the compile baseline (all float32, plain modules, no graph), peak GPU memory and the distance from the
-floor. Then each other group gets one row per
+The SkeleMixCLR+ step matrix (bench_model.py) comes first, one row per combination of impl, epilogue, amp,
+CUDA graph and layout: step time, samples/s, the ratio to the official-style step (bench/official_style.py),
+to the eager and to the compile baseline (all float32, plain modules, no graph, contiguous), peak GPU memory
+and the distance from the floor. Then each other group gets one row per
 provider: median, min, GB/s, TFLOP/s, and the speed-up over ``eager`` (and over ``official-style`` and
 ``compile`` where they ran) of the same run.
 Groups that carry their FLOPs and bytes also get the physical floor of that work on the machine,
@@ -57,8 +57,9 @@ def format_steps(payload: dict) -> str:
     bw, peaks = _peaks(payload["results"])
 
     def baseline(impl):
-        return next((r["median_s"] for r in rows if "median_s" in r and r["variant"] == dict(
-            impl=impl, epilogue="modules", amp="none", graph="off")), None)
+        plain = dict(impl=impl, epilogue="modules", amp="none", graph="off", layout="contiguous")
+        return next((r["median_s"] for r in rows if "median_s" in r and {"layout": "contiguous", **r["variant"]}
+                     == plain), None)
 
     official, eager, compiled = baseline("official-style"), baseline("eager"), baseline("compile")
     shapes = next((r["shapes"] for r in rows if "shapes" in r), {})
@@ -66,11 +67,11 @@ def format_steps(payload: dict) -> str:
     lines = [f"**SkeleMixCLR+ training step** on {env['device']} (torch {env['torch']}, sizes '{env['size']}': "
              f"x={shapes.get('x')}, mixes={shapes.get('mixes')}, queue={shapes.get('queue')}; median of "
              f"{env['rounds']} rounds; baselines: official-style, eager and compile with float32, modules, no graph)",
-             "", "| impl | epilogue | amp | CUDA graph | step ms | samples/s | vs official-style | vs eager | vs compile "
-             "| peak GiB | vs floor |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "", "| impl | epilogue | amp | CUDA graph | layout | step ms | samples/s | vs official-style | vs eager "
+             "| vs compile | peak GiB | vs floor |", "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         v = r["variant"]
-        cells = [v["impl"], v["epilogue"], v["amp"], v["graph"]]
+        cells = [v["impl"], v["epilogue"], v["amp"], v["graph"], v.get("layout", "contiguous")]
         if "error" in r:
             lines.append("| " + " | ".join(cells + [f"failed: {r['error']}"] + [""] * 6) + " |")
             continue

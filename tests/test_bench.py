@@ -78,16 +78,22 @@ def bench_module(name):
 def test_step_matrix_covers_every_switch_most_useful_first():
     bench_model = bench_module("bench_model")
     rows = bench_model.MATRIX
-    assert len(rows) == len(set(rows)) == 1 + 4 * 2 * 2 * 2
-    assert rows[0] == ("official-style", "modules", "none", "off")  # what users would otherwise run
-    assert rows[1] == ("eager", "modules", "none", "off")  # the baseline
-    assert rows[2] == (bench_model.KERNELS, "modules", "none", "off")  # what impl=auto runs
+    # Every switch, plus the channels-last twins of the graph-free eager, compiled-op and Triton rows.
+    assert len(rows) == len(set(rows)) == 1 + 4 * 2 * 2 * 2 + 3 * 2 * 2
+    assert rows[0] == ("official-style", "modules", "none", "off", "contiguous")  # what users would otherwise run
+    assert rows[1] == ("eager", "modules", "none", "off", "contiguous")  # the baseline
+    assert rows[2] == (bench_model.KERNELS, "modules", "none", "off", "contiguous")  # what impl=auto runs
+    twins = [row for row in rows if row[4] == "channels_last"]
+    assert all(row[:4] + ("contiguous",) in rows for row in twins) and len(twins) == 12
+    assert bench_model.row_id(rows[1]) == "eager-modules-none-off"  # the ids device_check.sh selects
+    assert bench_model.row_id(twins[0]) == "-".join(twins[0])
     compile_rows = [i for i, row in enumerate(rows) if row[0] == "compile"]
     assert compile_rows == list(range(len(rows) - 8, len(rows)))  # last: each is a cold compile
-    assert rows[compile_rows[0]] == ("compile", "modules", "none", "off")  # the compile baseline first among them
+    assert rows[compile_rows[0]] == ("compile", "modules", "none", "off", "contiguous")  # the compile baseline first
     graphs = [i for i, row in enumerate(rows) if row[3] == "on" and row[0] in (bench_model.KERNELS, "triton")]
-    assert min(graphs) > max(i for i, row in enumerate(rows) if row[3] == "off" and row[0] in (bench_model.KERNELS,
-                                                                                                   "triton"))
+    assert min(graphs) > max(i for i, row in enumerate(rows) if row[3] == "off" and row[4] == "contiguous"
+                             and row[0] in (bench_model.KERNELS, "triton"))
+    assert min(rows.index(row) for row in twins) > max(graphs)  # the layout after every contiguous switch
 
 
 def test_step_matrix_table():
@@ -116,9 +122,11 @@ def test_step_matrix_table():
     text = report.format_steps({"environment": env, "results": results})
     # 128 samples / 0.05 s; 0.5 / 0.05 = 10x official-style, 0.4 / 0.05 = 8x eager, 0.2 / 0.05 = 4x compile; floor
     # 4e12 / 400e12 (bf16) = 10 ms, for float32 rows 4e12 / 40e12 = 100 ms.
-    assert "| cuda | fused | bf16 | on | 50.0 | 2560 | 10.00x | 8.00x | 4.00x | 3.00 | 5.0x floor |" in text
-    assert "| eager | modules | none | off | 400.0 | 320 | 1.25x | 1.00x | 0.50x | 8.00 | 4.0x floor |" in text
-    assert "| triton | fused | bf16 | on | failed: RuntimeError: boom |" in text
+    assert ("| cuda | fused | bf16 | on | contiguous | 50.0 | 2560 | 10.00x | 8.00x | 4.00x | 3.00 | 5.0x floor |"
+            in text)
+    assert ("| eager | modules | none | off | contiguous | 400.0 | 320 | 1.25x | 1.00x | 0.50x | 8.00 | 4.0x floor |"
+            in text)
+    assert "| triton | fused | bf16 | on | contiguous | failed: RuntimeError: boom |" in text
     full = report.format_tables({"environment": env, "results": results})
     assert text in full and "**model/SkeleMixCLR+ step**" not in full  # not twice
 
@@ -172,3 +180,44 @@ def test_official_style_step_runs_skelemix_objective():
     out["loss"].backward()
     assert all(torch.isfinite(out[k]) for k in ("loss", "loss_ins", "loss_p", "loss_c"))
     assert all(p.grad is not None for p in model.encoder_q.parameters())
+
+
+@pytest.mark.parametrize("impl, fused", [("eager", False), ("cpp", False), ("cpp", True)])
+def test_channels_last_rows_compute_what_the_contiguous_rows_do(impl, fused):
+    """The bench's channels-last encoder (weights and block inputs in torch.channels_last; the fused ops take any
+    strides) gives the contiguous encoder's features and gradients, so the layout rows time the same work."""
+    import torch
+
+    from skelemix import _extension
+    from skelemix.config import build_config, make_encoder
+
+    if impl == "cpp" and not _extension.HAS_CPP:
+        pytest.skip(f"needs the C++ extension: {_extension.LOAD_ERROR}")
+    bench_model = bench_module("bench_model")
+    config = build_config({}, ["model.hidden_channels=4", "model.hidden_dim=16", "model.dropout=0"])
+    plain = make_encoder(config.model, num_class=8, impl=impl)
+    plain.fused_epilogue = fused
+    last = bench_model.to_channels_last(make_encoder(config.model, num_class=8, impl=impl))
+    last.fused_epilogue = fused
+    last.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 3, 16, 25, 2)
+    outs = []
+    threads = torch.get_num_threads()
+    # The benchmarks' two threads. With one (the tests' setting) torch 2.13's CPU channels-last backward put
+    # the first blocks' gradients 1-2% off float64 (contiguous: 1e-6); docs/PERFORMANCE.md, channels-last.
+    torch.set_num_threads(2)
+    try:
+        for encoder in (plain, last):
+            out = encoder(x)
+            out.square().sum().backward()
+            outs.append((out, [p.grad for p in encoder.parameters()]))
+    finally:
+        torch.set_num_threads(threads)
+    assert any(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+               for w in last.parameters())  # the layout really changed
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-5, atol=1e-6)
+    # fp32 through ten blocks: within 1e-5 of the largest gradient (a bias before a BatchNorm has a true
+    # gradient of 0 and gets rounding noise)
+    scale = max(float(g.abs().max()) for g in outs[0][1])
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)

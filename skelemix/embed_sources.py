@@ -17,6 +17,7 @@ import numpy as np
 
 from .data.errors import DataFormatError, check_name
 from .data.prepared import channels_of, read_rows
+from .data.preprocess import CENTRES
 from .graph import Layout, get_layout
 from .trained_encoder import Encoder
 
@@ -72,6 +73,8 @@ def _options(encoder: Encoder, kind: str) -> dict:
     out = {"frames": frames, "official": bool(options.get("official", False))}
     if kind == "ntu":
         out["bodies"] = options["bodies"] if options.get("bodies") in ("tracked", "official") else "tracked"
+    if kind == "nwucla":
+        out["centre"] = options["centre"] if options.get("centre") in CENTRES else "frame"
     if kind == "pyskl":
         layout = encoder.layout
         out.update(origin=list(layout.origin), x_axis=list(layout.x_axis) if layout.x_axis else None,

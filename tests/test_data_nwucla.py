@@ -217,3 +217,17 @@ def test_tiny_pretraining_on_real_nwucla_through_the_cli(shared_data, tmp_path, 
                  "checkpoints/epoch10.pt"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert any((out / "tb").iterdir())
+
+
+def test_centre_first_is_recorded_and_keeps_the_walk(shared_data, tmp_path):
+    """`prepare nwucla --centre first` keeps a walker's path (the shoulder centre moves) and records the choice in
+    meta.json, where the checkpoints' data recipe and `skelemix.embed` read it; the default centres every frame."""
+    raw = _copy_subset(shared_data, tmp_path, ["a04_s01_e00_v01", "a04_s01_e00_v03"])  # a04: walk around
+    for centre in ("frame", "first"):
+        assert main(["prepare", "nwucla", "--raw", str(raw.parent), "--out", str(tmp_path / centre), "--frames", "32",
+                     "--workers", "1", "--centre", centre, "--no-progress"]) == 0
+        assert read_meta(tmp_path / centre)["options"].get("centre", "frame") == centre  # the default: no key
+    walk = {c: PreparedDataset(tmp_path / c, "train").data[0, :, :, 2, 0] for c in ("frame", "first")}  # (3, T)
+    assert np.abs(walk["frame"]).max() == 0
+    floor = walk["first"][[0, 2]] - walk["first"][[0, 2], :1]  # x and z (metres) from the start
+    assert np.linalg.norm(floor, axis=0).max() > 0.5, np.linalg.norm(floor, axis=0).max()  # walks around

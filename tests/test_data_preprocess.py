@@ -122,3 +122,30 @@ def test_has_body_is_what_preprocess_can_keep():
         preprocess(x, 8, official=True)
     x[:, 4, 0, 0] = 1.0
     assert has_body(x, official=True) and np.isfinite(preprocess(x, 8, official=True)).all()
+
+
+def test_centre_first_keeps_the_path_and_each_frame_rigid():
+    """centre="first": every frame moved by the first kept frame's origin and rotated by its angle, so the origin
+    joint traces the body's path; each frame stays a rigid motion of the "frame" result (same pairwise
+    distances). A body that does not move gives the "frame" result."""
+    rng = np.random.default_rng(0)
+    T, V = 12, 20
+    body = rng.normal(size=(3, 1, V, 1)) * 0.3
+    path = np.stack([np.linspace(0, 2, T), np.zeros(T), np.linspace(0, 1, T)])[:, :, None, None]
+    x = np.zeros((3, T + 3, V, 1), np.float32)
+    x[:, 3:] = body + path + rng.normal(size=(3, T, V, 1)) * 0.01  # 3 empty frames first: cut off
+    by_frame = preprocess(x, T, center=2, shoulders=(4, 8))  # T kept frames resized to T: no interpolation
+    by_first = preprocess(x, T, center=2, shoulders=(4, 8), centre="first")
+    np.testing.assert_allclose(by_first[:, 0, 2, 0], 0, atol=1e-6)  # the origin joint starts at 0
+    # ...and then moves as the path does (one rotation about y for the whole sequence keeps lengths)
+    kept = x[:, 3:, 2, 0] - x[:, 3:4, 2, 0]
+    np.testing.assert_allclose(np.linalg.norm(by_first[:, :, 2, 0], axis=0), np.linalg.norm(kept, axis=0), atol=1e-5)
+    assert np.linalg.norm(by_first[:, -1, 2, 0]) > 2.0 and np.abs(by_frame[:, :, 2]).max() == 0
+    for t in range(T):
+        d = [np.linalg.norm(a[:, t, :, 0, None] - a[:, t, None, :, 0], axis=0) for a in (by_frame, by_first)]
+        np.testing.assert_allclose(d[1], d[0], atol=1e-5)
+    still = np.repeat(x[:, 3:4], T + 3, axis=1)
+    np.testing.assert_allclose(preprocess(still, T, 2, (4, 8), centre="first"), preprocess(still, T, 2, (4, 8)),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="centre must be one of frame, first; got 'last'"):
+        preprocess(x, T, centre="last")

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import DataFormatError, quote
 from .prepare import Candidate, Conversion, Job, RunOptions, build, read_file, require_dir, skip_or_raise
-from .preprocess import has_body, preprocess
+from .preprocess import CENTRES, has_body, preprocess
 from .safe_pickle import load as safe_load
 
 NUM_JOINTS = 20
@@ -86,13 +86,18 @@ def _task(job, options):
     raw = read_sequence(job.payload)
     if not has_body(raw, options["official"]):
         return [(job.indices[0], None, None)]
-    return [(job.indices[0], preprocess(raw, options["frames"], CENTER, SHOULDERS, options["official"]), None)]
+    return [(job.indices[0], preprocess(raw, options["frames"], CENTER, SHOULDERS, options["official"],
+                                        centre=options.get("centre", "frame")), None)]
 
 
 def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad: bool = False, workers=None,
-                   progress: bool = True, force: bool = False):
+                   progress: bool = True, force: bool = False, centre: str = "frame"):
     """Convert ``raw/all_sqe/*.json`` (or ``raw/*.json``) into the prepared dataset ``out`` (splits train and
-    val, ``(N, 3, frames, 20, 1)``)."""
+    val, ``(N, 3, frames, 20, 1)``). ``centre``: ``"frame"`` centres and rotates every frame on its own shoulder
+    centre (the NTU convention), ``"first"`` all frames on the first frame's, keeping the global motion
+    (:func:`~skelemix.data.preprocess.preprocess`)."""
+    if centre not in CENTRES:
+        raise ValueError(f"centre must be one of {', '.join(CENTRES)}; got {centre!r}")
     raw = require_dir(raw, "NW-UCLA raw data (the folder holding all_sqe/)")
     folder = raw / "all_sqe" if (raw / "all_sqe").is_dir() else raw
     files = sorted(e.path for e in os.scandir(folder) if e.name.endswith(".json"))
@@ -111,8 +116,11 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
     labels_file = raw / "val_label.pkl"
     if labels_file.is_file():
         _check_val_list(labels_file, [c for c in candidates if c.splits[None] == "val"], skip_bad)
+    options = {"frames": frames, "official": official}
+    if centre != "frame":  # the default adds no key: data prepared before the option keeps its settings
+        options["centre"] = centre
     return build(out, Conversion("nwucla", "nw-ucla", CLASSES, frames, NUM_JOINTS, 1, candidates, jobs, _task,
-                                 {"frames": frames, "official": official}, skipped=bad),
+                                 options, skipped=bad),
                  RunOptions(skip_bad, workers, progress, force))
 
 

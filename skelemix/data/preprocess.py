@@ -11,6 +11,10 @@ resize the time axis linearly, rotate every frame about the y axis so the should
 
 The default (``official=False``) uses the frames from the first to the last in which any body is present,
 and per-frame ``atan2`` angles, which put every frame's shoulder vector exactly on +x.
+
+``centre="first"`` keeps the global motion instead (the NW-UCLA loaders of the literature, e.g. CTR-GCN's): every
+frame of a body is moved by that body's origin in the first kept frame and rotated by that frame's angle, so a
+walker's path stays in the data; the default ``"frame"`` centres and rotates each frame on its own.
 """
 from __future__ import annotations
 
@@ -50,13 +54,16 @@ def has_body(x: np.ndarray, official: bool = False) -> bool:
     return stop > start
 
 
-def align_shoulders(x: np.ndarray, left: int = 4, right: int = 8, official: bool = False) -> np.ndarray:
+def align_shoulders(x: np.ndarray, left: int = 4, right: int = 8, official: bool = False,
+                    first_frame: bool = False) -> np.ndarray:
     """Rotate ``x (3, T, V, M)`` about y, per frame and body, so the shoulder vector ``right - left`` lies on
-    +x (float64 arithmetic)."""
+    +x (float64 arithmetic); with ``first_frame``, every frame of a body by the angle of its first frame."""
     x = x.astype(np.float64)
     out = np.empty_like(x)
     for m in range(x.shape[3]):
         v = x[:, :, right, m] - x[:, :, left, m]  # (3, T)
+        if first_frame:
+            v = np.repeat(v[:, :1], v.shape[1], axis=1)
         vx, vz = v[0], v[2]
         if official:
             theta = np.arccos(vx / (np.sqrt(vx ** 2 + vz ** 2) + 1e-4))
@@ -72,9 +79,12 @@ def align_shoulders(x: np.ndarray, left: int = 4, right: int = 8, official: bool
     return out
 
 
+CENTRES = ("frame", "first")
+
+
 def preprocess(x: np.ndarray, frames: int = 64, center: int | Sequence[int] = 20,
                shoulders: Sequence[int] | None = (4, 8), official: bool = False, mode: str = "full",
-               coords: int = 3) -> np.ndarray:
+               coords: int = 3, centre: str = "frame") -> np.ndarray:
     """``x (C, T, V, M)`` raw sequence (absent bodies zero) -> float32 ``(C, frames, V, M)``. The first
     ``coords`` channels are coordinates (x, y, z or x, y); a further channel (a detection score) is only resized.
 
@@ -82,7 +92,8 @@ def preprocess(x: np.ndarray, frames: int = 64, center: int | Sequence[int] = 20
     body, resize, and for 3-D data rotate the ``shoulders = (left, right)`` line onto +x (None: no rotation;
     2-D data is never rotated). ``mode="resize"``: only the temporal resize of the whole sequence.
     ``center=20, shoulders=(4, 8)`` are NTU's spine shoulder and shoulders (the ``origin`` and ``x_axis`` of a
-    layout file); NW-UCLA uses ``center=2``.
+    layout file); NW-UCLA uses ``center=2``. ``centre``: ``"frame"`` (each frame on its own origin and angle)
+    or ``"first"`` (the first kept frame's, for every frame: the module doc).
     """
     x = np.asarray(x, dtype=np.float32)
     if coords not in (2, 3) or x.ndim != 4 or not coords <= x.shape[0] <= 3:
@@ -92,15 +103,22 @@ def preprocess(x: np.ndarray, frames: int = 64, center: int | Sequence[int] = 20
         return resize_time(x, frames).astype(np.float32)
     if mode != "full":
         raise ValueError(f"mode must be 'full' or 'resize'; got {mode!r}")
+    if centre not in CENTRES:
+        raise ValueError(f"centre must be one of {', '.join(CENTRES)}; got {centre!r}")
     start, stop = valid_window(x, official)
     if stop <= start:
         raise ValueError("no frame with a body present: nothing to preprocess")
     x = x[:, start:stop].copy()
     origin = [center] if isinstance(center, (int, np.integer)) else list(center)
     # Absent bodies (all zero) stay zero. One joint is subtracted as it is (bit for bit the official centring).
-    x[:coords] -= x[:coords, :, origin[0]:origin[0] + 1] if len(origin) == 1 else \
-        x[:coords, :, origin].mean(axis=2, keepdims=True)
+    root = x[:coords, :, origin[0]:origin[0] + 1] if len(origin) == 1 else x[:coords, :, origin].mean(axis=2,
+                                                                                                     keepdims=True)
+    if centre == "first":  # each body's origin in its first present frame, for its present frames only
+        present = np.abs(x).sum(axis=(0, 2), keepdims=True) != 0  # (1, T, 1, M)
+        first = present[0, :, 0, :].argmax(axis=0)  # (M,)
+        root = np.where(present, root[:, first, 0, np.arange(x.shape[3])][:, None, None, :], 0)
+    x[:coords] -= root
     x = resize_time(x, frames).astype(np.float32)
     if coords == 3 and shoulders is not None:
-        x = align_shoulders(x, *shoulders, official=official)
+        x = align_shoulders(x, *shoulders, official=official, first_frame=centre == "first")
     return x.astype(np.float32)

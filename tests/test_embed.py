@@ -193,9 +193,14 @@ def test_raw_ntu_files_are_prepared_as_the_training_data_was(tmp_path, capsys):
     np.testing.assert_allclose(both[rows], expected, rtol=0, atol=1e-5)
 
 
-def test_raw_nwucla_files_and_inputs_left_out(tmp_path, capsys):
+@pytest.mark.parametrize("centre", ["frame", "first"])
+def test_raw_nwucla_files_and_inputs_left_out(tmp_path, capsys, centre):
+    """Raw NW-UCLA files get the features of the same samples prepared, with either centring (the checkpoint's
+    data recipe carries it)."""
     raw = ucla_files(tmp_path / "raw")
-    prepare_nwucla(raw, tmp_path / "ucla", frames=12, workers=1, progress=False)
+    prepare_nwucla(raw, tmp_path / "ucla", frames=12, workers=1, progress=False, centre=centre)
+    moved = np.abs(PreparedDataset(tmp_path / "ucla", "train").data[:, :, :, 2]).max()
+    assert (moved > 0.01) if centre == "first" else (moved == 0)  # the files' root joint moves
     assert train.main(["--set", f"data.root={tmp_path / 'ucla'}", "--set", "data.frames=12", *TINY,
                        "--set", "train.batch_size=4", "--out", str(tmp_path / "run")]) == 0
     ckpt = str(tmp_path / "run" / "checkpoints" / "last.pt")

@@ -184,6 +184,11 @@ def test_raw_ntu_files_are_prepared_as_the_training_data_was(tmp_path, capsys):
     assert (tmp_path / "files" / "names.txt").read_text() == (tmp_path / "prepared" / "names.txt").read_text()
     info = json.loads((tmp_path / "files" / "embed.json").read_text())
     assert info["preparation"]["options"] == {"frames": 12, "official": True, "bodies": "official"}
+    # The inputs too (a briefly trained encoder's eval-mode features hardly depend on them).
+    source = embed_sources.raw_source(skelemix.load_encoder(ckpt), list(map(str, train_files)), workers=1)
+    samples = [x for batch in source.batches(4) for _, _, x in batch]
+    np.testing.assert_allclose(np.stack(samples), PreparedDataset(tmp_path / "ntu" / "xsub", "train").data,
+                               rtol=0, atol=1e-6)
     # A folder, parsed by two processes: the same features for all 12 files.
     assert main(["--checkpoint", ckpt, "--raw", str(raw), "--out", str(tmp_path / "folder"), "--workers", "2",
                  "--no-progress"]) == 0

@@ -231,3 +231,16 @@ def test_centre_first_is_recorded_and_keeps_the_walk(shared_data, tmp_path):
     assert np.abs(walk["frame"]).max() == 0
     floor = walk["first"][[0, 2]] - walk["first"][[0, 2], :1]  # x and z (metres) from the start
     assert np.linalg.norm(floor, axis=0).max() > 0.5, np.linalg.norm(floor, axis=0).max()  # walks around
+
+
+def test_tuning_split_leaves_the_test_view_out(shared_data, tmp_path):
+    """`prepare nwucla --tuning`: view 1 trains, view 2 validates, and no file of the test view 3 is prepared (so
+    settings chosen on it never saw the test view); the test-list check, which is about view 3, is skipped."""
+    assert main(["prepare", "nwucla", "--raw", str(shared_data / "nw-ucla"), "--out", str(tmp_path / "tune"),
+                 "--frames", "16", "--tuning", "--workers", "2", "--no-progress"]) == 0
+    files = sorted(p.stem for p in (shared_data / "nw-ucla" / "all_sqe").glob("*.json"))
+    meta = read_meta(tmp_path / "tune")
+    assert meta["options"]["tuning"] is True
+    for split, view in (("train", "_v01"), ("val", "_v02")):
+        names = (tmp_path / "tune" / f"{split}_names.txt").read_text().split()
+        assert names == [n for n in files if n.endswith(view)] and meta["splits"][split] == len(names)

@@ -30,7 +30,7 @@ def _prepare(args) -> int:
                                 **quirks, **common)
     elif args.dataset == "nwucla":
         from .nwucla import prepare_nwucla
-        report = prepare_nwucla(_one(args.raw), args.out, centre=args.centre, **quirks, **common)
+        report = prepare_nwucla(_one(args.raw), args.out, centre=args.centre, tuning=args.tuning, **quirks, **common)
     else:
         from .pyskl import prepare_pyskl
         report = prepare_pyskl(_one(args.raw), args.out, layout=args.layout, preprocessing=args.preprocessing,
@@ -118,6 +118,8 @@ def _add_prepare(prep: argparse.ArgumentParser) -> None:
     prep.add_argument("--centre", choices=("frame", "first"), default="frame",
                       help="NW-UCLA: frame = every frame on its own shoulder centre (the NTU convention); first = "
                       "all frames on the first frame's, keeping a walker's path")
+    prep.add_argument("--tuning", action="store_true", help="NW-UCLA: train on view 1, validate on view 2 and "
+                      "leave the test view 3 out (for choosing settings without looking at the test view)")
     prep.add_argument("--skip-bad", action="store_true", help="leave malformed inputs out and list them instead "
                       "of stopping at the first")
     prep.add_argument("--workers", type=_at_least_one, default=None, help="parsing processes (default: all cores)")

@@ -91,11 +91,12 @@ def _task(job, options):
 
 
 def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad: bool = False, workers=None,
-                   progress: bool = True, force: bool = False, centre: str = "frame"):
+                   progress: bool = True, force: bool = False, centre: str = "frame", tuning: bool = False):
     """Convert ``raw/all_sqe/*.json`` (or ``raw/*.json``) into the prepared dataset ``out`` (splits train and
     val, ``(N, 3, frames, 20, 1)``). ``centre``: ``"frame"`` centres and rotates every frame on its own shoulder
     centre (the NTU convention), ``"first"`` all frames on the first frame's, keeping the global motion
-    (:func:`~skelemix.data.preprocess.preprocess`)."""
+    (:func:`~skelemix.data.preprocess.preprocess`). ``tuning``: train on view 1, validate on view 2 and leave the
+    test view 3 out, for choosing settings without looking at the test view."""
     if centre not in CENTRES:
         raise ValueError(f"centre must be one of {', '.join(CENTRES)}; got {centre!r}")
     raw = require_dir(raw, "NW-UCLA raw data (the folder holding all_sqe/)")
@@ -110,15 +111,19 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
         except DataFormatError as err:
             skip_or_raise(err, Path(path).stem, bad, skip_bad)
             continue
-        split = "train" if view in TRAIN_VIEWS else "val"
+        if tuning and view == TEST_VIEW:
+            continue
+        split = "train" if view == 1 or (view in TRAIN_VIEWS and not tuning) else "val"
         jobs.append(Job(path, [len(candidates)], path))
         candidates.append(Candidate(Path(path).stem, ACTIONS.index(action), {None: split}))
     labels_file = raw / "val_label.pkl"
-    if labels_file.is_file():
+    if labels_file.is_file() and not tuning:
         _check_val_list(labels_file, [c for c in candidates if c.splits[None] == "val"], skip_bad)
     options = {"frames": frames, "official": official}
     if centre != "frame":  # the default adds no key: data prepared before the option keeps its settings
         options["centre"] = centre
+    if tuning:
+        options["tuning"] = True
     return build(out, Conversion("nwucla", "nw-ucla", CLASSES, frames, NUM_JOINTS, 1, candidates, jobs, _task,
                                  options, skipped=bad),
                  RunOptions(skip_bad, workers, progress, force))

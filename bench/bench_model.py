@@ -60,6 +60,15 @@ def row_id(row: tuple[str, str, str, str, str]) -> str:
     return "-".join(row[:4] if row[4] == "contiguous" else row)
 
 
+def skip_unsafe_channels_last(channels: int) -> None:
+    """On a CPU, torch 2.13's oneDNN backward of a channels-last 1x1 convolution with stride 2 and 8 or fewer input
+    channels crashes (segfault or heap corruption, also with one thread): skip encoders whose first widening
+    residual has so few (the tiny sizes; the paper's widths start at 16)."""
+    if DEVICE.type == "cpu" and channels <= 8:
+        pytest.skip(f"channels-last on the CPU with hidden_channels {channels} <= 8: torch's oneDNN backward of a "
+                    "strided 1x1 convolution crashes there (docs/PERFORMANCE.md)")
+
+
 def to_channels_last(encoder: torch.nn.Module) -> torch.nn.Module:
     """``encoder`` with its convolution weights, and every block's input, in ``torch.channels_last``."""
     encoder.to(memory_format=torch.channels_last)
@@ -101,6 +110,7 @@ def test_encoder_fwd_bwd(benchmark, provider):
     encoder = make_encoder(config.model, num_class=128, impl=_impl_of(impl)).to(DEVICE)
     encoder.fused_epilogue = "fused" in variants
     if "channels_last" in variants:
+        skip_unsafe_channels_last(config.model.hidden_channels)
         to_channels_last(encoder)
     run = torch.compile(encoder, backend=COMPILE_BACKEND) if provider == "compile" else encoder
     if provider == "official-style":
@@ -127,6 +137,7 @@ def test_training_step(benchmark, row):
     config = load_config("paper.yaml", MODEL_OVERRIDES + [f"model.impl={_impl_of(impl)}", f"model.epilogue={epilogue}"])
     model = (official_style_pretrain_model if impl == "official-style" else make_pretrain_model)(config).to(DEVICE)
     if layout == "channels_last":
+        skip_unsafe_channels_last(config.model.hidden_channels)
         model.encoder_q, model.encoder_k = to_channels_last(model.encoder_q), to_channels_last(model.encoder_k)
     if impl == "compile":
         model.encoder_q = torch.compile(model.encoder_q, backend=COMPILE_BACKEND)

@@ -121,9 +121,10 @@ stage "tests: CUDA graphs, Inductor" tests.log "$(share 7)" bash -c tests_long
 rm -f "$OUT/bench.json"
 BENCH=(env SKELEMIX_BENCH_JSON="$OUT/bench.json" SKELEMIX_BENCH_APPEND=1 $PY $PYTEST --benchmark-columns=median,rounds)
 if [ "$DRY" -eq 1 ]; then
-  # The code paths, not the numbers: the baseline row, one row with the compiled ops, the fused epilogue and
-  # bf16, and one compile row (Dynamo's trace only).
-  MATRIX_ROWS=(bench/bench_machine.py "bench/bench_model.py::test_training_step[eager-modules-none-off]"
+  # The code paths, not the numbers: the official-style and the baseline rows, one row with the compiled ops,
+  # the fused epilogue and bf16, and one compile row (Dynamo's trace only).
+  MATRIX_ROWS=(bench/bench_machine.py "bench/bench_model.py::test_training_step[official-style-modules-none-off]"
+               "bench/bench_model.py::test_training_step[eager-modules-none-off]"
                "bench/bench_model.py::test_training_step[cpp-fused-bf16-off]")
   COMPILE_ROWS=("bench/bench_model.py::test_training_step[compile-modules-none-off]")
 else

@@ -104,6 +104,7 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
     files = sorted(e.path for e in os.scandir(folder) if e.name.endswith(".json"))
     if not files:
         raise FileNotFoundError(f"no .json files in {folder} (expected the all_sqe files aXX_sYY_eZZ_vWW.json)")
+    train_views, val_view = ((1,), 2) if tuning else (TRAIN_VIEWS, TEST_VIEW)
     candidates, jobs, bad = [], [], []
     for path in files:
         try:
@@ -111,13 +112,13 @@ def prepare_nwucla(raw, out, frames: int = 64, official: bool = False, skip_bad:
         except DataFormatError as err:
             skip_or_raise(err, Path(path).stem, bad, skip_bad)
             continue
-        if tuning and view == TEST_VIEW:
+        if view not in train_views and view != val_view:
             continue
-        split = "train" if view == 1 or (view in TRAIN_VIEWS and not tuning) else "val"
+        split = "train" if view in train_views else "val"
         jobs.append(Job(path, [len(candidates)], path))
         candidates.append(Candidate(Path(path).stem, ACTIONS.index(action), {None: split}))
     labels_file = raw / "val_label.pkl"
-    if labels_file.is_file() and not tuning:
+    if labels_file.is_file() and val_view == TEST_VIEW:  # CTR-GCN's list is of the test view
         _check_val_list(labels_file, [c for c in candidates if c.splits[None] == "val"], skip_bad)
     options = {"frames": frames, "official": official}
     if centre != "frame":  # the default adds no key: data prepared before the option keeps its settings

@@ -2,7 +2,7 @@
 
 Everything is drawn with matplotlib's object API on the Agg canvas (:func:`figure`): nothing touches the global
 pyplot state or needs a display, so these are safe to call from the trainer, the evaluator and tests.
-``python -m skelemix.viz curves`` redraws a run's curves; :mod:`skelemix.mix_drawing` draws SkeleMix itself.
+``python -m skelemix.viz curves`` redraws a run's curves, ``compare`` several runs' on one picture; :mod:`skelemix.mix_drawing` draws SkeleMix itself.
 """
 from __future__ import annotations
 
@@ -100,6 +100,32 @@ def plot_curves(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         written.append(save_figure(fig, out_dir / "knn.png"))
     return written
 
+
+
+def plot_compare(runs: Sequence[tuple[str, str | Path]], path: str | Path, knn_key: str = "knn@20") -> Path:
+    """Several runs on one picture: total pretraining loss (left) and kNN top-1 (``knn_key``, right) per epoch.
+    ``runs`` holds ``(label, metrics.jsonl)`` pairs; runs that share a label (the seeds of one variant) share a
+    colour and one legend entry."""
+    colours: dict[str, str] = {}
+    fig = figure(11, 4)
+    axes = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for label, metrics_path in runs:
+        records = read_metrics(metrics_path)
+        first = label not in colours
+        colour = colours.setdefault(label, f"C{len(colours) % 10}")
+        for ax, kind, key in ((axes[0], "epoch", "loss"), (axes[1], "knn", knn_key)):
+            xs, ys = _series(sorted((r for r in records if r.get("kind") == kind and "epoch" in r),
+                                    key=lambda r: r["epoch"]), key)
+            ax.plot(xs, ys, color=colour, alpha=0.8, lw=1.2, label=label if first else None)
+    for ax, ylabel, title in ((axes[0], "loss", "pretraining loss"),
+                              (axes[1], "kNN top-1 (%)", f"kNN monitor (k = {knn_key[4:]})")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
 
 # --------------------------------------------------------------------------------- evaluation pictures
 def plot_confusion(confusion: np.ndarray, classes: Sequence[str], path: str | Path, title: str | None = None) -> Path:

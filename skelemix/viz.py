@@ -2,7 +2,8 @@
 
 ``python -m skelemix.viz mix`` renders one sequence, its partner and their SkeleMix result (docs/DESIGN.md 3)
 as a PNG grid and an animated GIF; ``python -m skelemix.viz curves RUN/metrics.jsonl`` redraws a run's
-training curves. This module is the command; the pictures are drawn by :mod:`skelemix.plots` (curves,
+training curves; ``python -m skelemix.viz compare LABEL=RUN/metrics.jsonl ...`` draws several runs' loss and
+kNN curves on one picture (runs with the same label, e.g. seeds, share a colour). This module is the command; the pictures are drawn by :mod:`skelemix.plots` (curves,
 confusion matrices, embeddings) and :mod:`skelemix.mix_drawing` (SkeleMix), whose functions import from here too.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from . import cli
 from .graph import NTU, get_layout
 from .metrics import read_metrics  # noqa: F401 (re-exported: skelemix.viz.read_metrics)
 from .mix_drawing import animate_mix, mix_example, render_mix, scaled_tem_range  # noqa: F401 (skelemix.viz API)
-from .plots import pca_2d, plot_confusion, plot_curves, plot_embedding  # noqa: F401 (skelemix.viz API)
+from .plots import pca_2d, plot_compare, plot_confusion, plot_curves, plot_embedding  # noqa: F401 (skelemix.viz API)
 
 SYNTHETIC_SAMPLES = 32  # generated sequences `viz mix --data synthetic` picks from
 
@@ -105,13 +106,31 @@ def parse_args(argv=None):
     c = sub.add_parser("curves", help="draw loss.png and knn.png from a trainer's metrics.jsonl")
     c.add_argument("metrics", help="path to metrics.jsonl")
     c.add_argument("--out", default=None, help="output folder (default: the folder of metrics.jsonl)")
+    r = sub.add_parser("compare", help="draw several runs' loss and kNN curves on one picture")
+    r.add_argument("runs", nargs="+", metavar="LABEL=METRICS",
+                   help="a label and a trainer's metrics.jsonl; runs with the same label share a colour")
+    r.add_argument("--out", default="runs/compare.png", help="the PNG to write (default runs/compare.png)")
+    r.add_argument("--knn", default="knn@20", help="the kNN record to draw (default knn@20)")
     cli.add_debug_flag(p)
     return p.parse_args(argv)
+
+
+def _compare_command(args) -> int:
+    runs = []
+    for item in args.runs:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise ValueError(f"compare: expected LABEL=PATH/metrics.jsonl; got {item!r}")
+        runs.append((label, path))
+    print(f"wrote {plot_compare(runs, args.out, args.knn)}")
+    return 0
 
 
 def _command(args) -> int:
     if args.command == "curves":
         return _curves_command(args)
+    if args.command == "compare":
+        return _compare_command(args)
     if args.frames < 1 or args.length < 4 or args.step < 1:
         raise ValueError("--frames and --step must be >= 1 and --length >= 4")
     return _mix_command(args)

@@ -77,6 +77,16 @@ def test_plot_curves(tmp_path):
         viz.plot_curves(tmp_path / "missing.jsonl", tmp_path)
 
 
+def test_compare_draws_several_runs_on_one_picture(tmp_path):
+    a, b = write_metrics(tmp_path / "a.jsonl"), write_metrics(tmp_path / "b.jsonl", knn=False, torn=False)
+    out = tmp_path / "cmp" / "compare.png"
+    assert viz.main(["compare", f"mixed={a}", f"mixed={a}", f"plain={b}", "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.width > 500 and im.height > 200
+    assert viz.main(["compare", str(a), "--out", str(out)]) == 2  # no label: one line of error, exit 2
+    assert viz.main(["compare", f"x={tmp_path / 'missing.jsonl'}", "--out", str(out)]) == 2
+
+
 @pytest.mark.parametrize("num_classes", [3, 60])
 def test_plot_confusion_and_embedding(tmp_path, num_classes):
     rng = np.random.default_rng(0)

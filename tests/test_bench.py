@@ -216,3 +216,14 @@ def test_channels_last_rows_compute_what_the_contiguous_rows_do(impl, fused):
     scale = max(float(g.abs().max()) for g in outs[0][1])
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_paper_scale_counts_saved_activations_in_proportion_to_the_batch():
+    from bench.paper_scale import measure_step
+    from skelemix.config import load_config
+
+    config = load_config("demo.yaml", ["model.impl=eager"])
+    small, large = measure_step(config, 2), measure_step(config, 4)
+    assert small["ops"] > 100 and small["trainable_params"] > 0
+    assert 1.7 < large["saved_bytes"] / small["saved_bytes"] < 2.1  # activations scale with the batch
+    assert small["buffer_bytes"] >= config.model.queue_size * config.model.feature_dim * 4  # the queue

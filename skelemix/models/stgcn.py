@@ -131,8 +131,8 @@ class STGCN(nn.Module):
         graph: a :class:`Graph` or keyword arguments for one (default NTU, agcn).
         impl: implementation of the fused ops (see :mod:`skelemix.ops`).
         fused_epilogue: run each block's BatchNorms, dropout, residual add and ReLUs as
-            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`). Off by default until a seed sweep shows it
-            learns as the modules do (docs/RESULTS.md).
+            :func:`skelemix.ops.bn_epilogue` (see :class:`STGCNBlock`). Off here, so that a bare encoder is the
+            plain modules; the trainer's ``model.epilogue`` turns it on by default.
 
     ``forward(x)`` takes ``(N, C, T, V, M)`` and returns ``fc(pool(x))`` of shape ``(N, num_class)``;
     ``forward(x, mask)`` with a bool ``(G, T', V)`` mask at feature resolution (``G`` in ``{1, N}``) returns

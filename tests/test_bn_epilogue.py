@@ -669,10 +669,10 @@ def test_fused_dropout_draws_differ_per_call_and_follow_the_seed():
 @pytest.mark.parametrize("setting, impl, expected", [("modules", "cpp", False), ("fused", "eager", True),
                                                      ("fused", "cpp", True)])
 def test_config_switch(setting, impl, expected):
-    """train.epilogue reaches the encoders (the default, modules, is tested by the line below)."""
+    """model.epilogue (and its old name train.epilogue) reaches the encoders; the default is fused."""
     from skelemix.config import Config
 
-    assert Config().model.epilogue == "modules"
+    assert Config().model.epilogue == "fused"
     from skelemix.config import build_config, make_pretrain_model
 
     config = build_config({}, [f"train.epilogue={setting}", f"train.impl={impl}", "model.queue_size=64",

@@ -24,7 +24,7 @@ NTU60_XVIEW_TRAIN = 37_646  # xview training sequences once the 302 without skel
 JOINTS, BODIES = 25, 2  # the NTU layout
 # NVIDIA H100 SXM5 datasheet, dense: FP32 (CUDA cores), TF32 tensor cores (cuDNN's default for convolutions in
 # torch), HBM3 bandwidth; and a typical kernel launch cost.
-H100 = {"fp32 FLOP/s": 67e12, "tf32 FLOP/s": 494.7e12, "bytes/s": 3.35e12, "memory": 80 * 2**30}
+H100 = {"fp32 FLOP/s": 67e12, "tf32 FLOP/s": 494.7e12, "bytes/s": 3.35e12}
 LAUNCH_S = 4e-6
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
 
     config = load_config(args.config, [f"model.impl={args.impl}", f"model.epilogue={args.epilogue}"])
     batch, epochs = config.train.batch_size, config.train.epochs
-    repeats = int((config.model.swap_params or [[0, 0, 0, 0, 3]])[0][4])
+    repeats = int(config.model.swap_params[0][4])  # the mixed query views of the released row
     enc = make_encoder(config.model)
     fb_flops, fb_bytes = encoder_cost(enc, batch, config.data.frames)
     f_flops, f_bytes = encoder_cost(enc, batch, config.data.frames, backward=False)
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     print(f"config {args.config}: batch {batch}, {epochs} epochs, {steps} steps, {repeats} mixed views + query + key")
     print(f"per step: {flops / 1e12:.2f} TFLOP, {traffic / 2**30:.2f} GiB minimum traffic, "
           f"{probe['ops']} tensor ops dispatched (impl={args.impl}, epilogue={args.epilogue}), "
-          f"{saved / 2**30:.1f} GiB saved for backward (measured at batch {args.probe_batch}, x{batch // args.probe_batch})")
+          f"{saved / 2**30:.1f} GiB saved for backward (measured at batch {args.probe_batch}, scaled to {batch})")
     print(f"model: {probe['trainable_params'] / 1e6:.2f} M trainable parameters, "
           f"{probe['buffer_bytes'] / 2**20:.0f} MiB of buffers (the queue, BatchNorm statistics)")
     for gpus in (1, 8):

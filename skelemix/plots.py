@@ -2,7 +2,8 @@
 
 Everything is drawn with matplotlib's object API on the Agg canvas (:func:`figure`): nothing touches the global
 pyplot state or needs a display, so these are safe to call from the trainer, the evaluator and tests.
-``python -m skelemix.viz curves`` redraws a run's curves, ``compare`` several runs' on one picture; :mod:`skelemix.mix_drawing` draws SkeleMix itself.
+``python -m skelemix.viz curves`` redraws a run's curves and ``compare`` draws several runs' on one picture;
+:mod:`skelemix.mix_drawing` draws SkeleMix itself.
 """
 from __future__ import annotations
 
@@ -99,7 +100,6 @@ def plot_curves(metrics_path: str | Path, out_dir: str | Path) -> list[Path]:
         fig.tight_layout()
         written.append(save_figure(fig, out_dir / "knn.png"))
     return written
-
 
 
 def plot_compare(runs: Sequence[tuple[str, str | Path]], path: str | Path, knn_key: str = "knn@20") -> Path:

@@ -3,8 +3,9 @@
 ``python -m skelemix.viz mix`` renders one sequence, its partner and their SkeleMix result (docs/DESIGN.md 3)
 as a PNG grid and an animated GIF; ``python -m skelemix.viz curves RUN/metrics.jsonl`` redraws a run's
 training curves; ``python -m skelemix.viz compare LABEL=RUN/metrics.jsonl ...`` draws several runs' loss and
-kNN curves on one picture (runs with the same label, e.g. seeds, share a colour). This module is the command; the pictures are drawn by :mod:`skelemix.plots` (curves,
-confusion matrices, embeddings) and :mod:`skelemix.mix_drawing` (SkeleMix), whose functions import from here too.
+kNN curves on one picture (runs with the same label, e.g. seeds, share a colour). This module is the command;
+the pictures are drawn by :mod:`skelemix.plots` (curves, confusion matrices, embeddings) and
+:mod:`skelemix.mix_drawing` (SkeleMix), whose functions import from here too.
 """
 from __future__ import annotations
 
